@@ -1,0 +1,246 @@
+"""The application: commands and queries on the event store.
+
+This is the service layer of the domain. Every command takes the acting team
+and refuses a reference to another team's resource exactly as it refuses an
+unknown id (``NotFound`` with the same message), so the HTTP API and the CLI
+inherit tenant isolation instead of having to re-implement it.
+
+Commands return the log position they reached, so callers can wait for the
+display views to catch up with their own writes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, Recording
+
+from domain.arn import parse_role_arn
+from domain.errors import Conflict, InvalidInput, NotFound
+from domain.findings import Finding, validate_batch
+from domain.model import (
+    RUN_END_STATES,
+    CloudAccount,
+    ExternalIdClaim,
+    Plan,
+    PlanRun,
+    ResultBatch,
+    Team,
+)
+
+A = TypeVar("A", bound=Aggregate)
+
+MAX_NAME = 200
+MAX_REASON = 2000
+MAX_TICKET = 200
+MAX_ERROR = 4096
+_CONCURRENT_RETRIES = 8
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What a command appended: the aggregate it concerns and the log position reached."""
+
+    id: UUID
+    position: int
+
+
+@dataclass(frozen=True)
+class ResultsAccepted:
+    """Answer of ``record_results``: how many results, in which batch, at which position."""
+
+    run_id: UUID
+    batch_no: int
+    accepted: int
+    position: int
+
+
+class ResultsApp(Application[UUID]):
+    """Teams, linked accounts, plans and their runs, on one event store."""
+
+    name = "resultsvc"
+    # A run gets one small marker per batch; snapshots bound a cold load to
+    # at most this many events, the cache makes a warm load O(new events).
+    snapshotting_intervals: ClassVar = {PlanRun: 100}
+    env: ClassVar = {"AGGREGATE_CACHE_MAXSIZE": "10000", "DEEPCOPY_FROM_AGGREGATE_CACHE": "y"}
+
+    # ----------------------------------------------------------------- teams
+
+    def create_team(self, name: str) -> tuple[Team, int]:
+        """Create a team with a fresh External ID (256 random bits, 43 characters).
+
+        The External ID is claimed by an aggregate whose id derives from it,
+        saved in the same transaction: uniqueness is enforced by the store.
+        """
+        name = _text(name, "name", MAX_NAME)
+        external_id = secrets.token_urlsafe(32)
+        team = Team(name=name, external_id=external_id)
+        claim = ExternalIdClaim(external_id=external_id, team_id=team.id)
+        return team, self._save(team, claim)
+
+    def get_team(self, team_id: UUID) -> Team:
+        return self._get(Team, team_id, team_id, "team")
+
+    # -------------------------------------------------------------- accounts
+
+    def link_account_role(
+        self, team_id: UUID, role_arn: str, *, verified: bool, actor: str, method: str = "role"
+    ) -> tuple[CloudAccount, int]:
+        """Record a link to a customer account through a role the customer controls.
+
+        ``verified`` says whether the role was actually assumed; the AWS side
+        lives in the service layer, the domain only records the outcome.
+        """
+        self.get_team(team_id)
+        arn = parse_role_arn(role_arn)
+        if method not in ("role", "access_keys"):
+            raise InvalidInput("method", "must be 'role' or 'access_keys'")
+        account = CloudAccount(
+            team_id=team_id,
+            role_arn=arn.arn,
+            aws_account_id=arn.aws_account_id,
+            method=method,
+            verified=verified,
+            linked_by=actor,
+        )
+        return account, self._save(account)
+
+    def get_account(self, team_id: UUID, account_id: UUID) -> CloudAccount:
+        return self._get(CloudAccount, account_id, team_id, "account")
+
+    def unlink_account(self, team_id: UUID, account_id: UUID, *, actor: str) -> Appended:
+        account = self.get_account(team_id, account_id)
+        account.unlink(unlinked_by=actor)
+        return Appended(account.id, self._save(account))
+
+    # ----------------------------------------------------------------- plans
+
+    def create_plan(self, team_id: UUID, account_id: UUID, name: str) -> tuple[Plan, int]:
+        name = _text(name, "name", MAX_NAME)
+        account = self.get_account(team_id, account_id)
+        if not account.linked:
+            raise Conflict(f"account {account_id} is unlinked; link it again to plan against it")
+        plan = Plan(team_id=team_id, account_id=account_id, name=name)
+        return plan, self._save(plan)
+
+    def get_plan(self, team_id: UUID, plan_id: UUID) -> Plan:
+        return self._get(Plan, plan_id, team_id, "plan")
+
+    def request_backup_exclusion(
+        self, team_id: UUID, plan_id: UUID, *, reason: str, ticket: str | None, actor: str
+    ) -> Appended:
+        """Record a compliance request to keep a plan's results out of backups."""
+        reason = _text(reason, "reason", MAX_REASON)
+        if ticket is not None:
+            ticket = _text(ticket, "ticket", MAX_TICKET)
+        plan = self.get_plan(team_id, plan_id)
+        plan.request_backup_exclusion(reason=reason, ticket=ticket, requested_by=actor)
+        return Appended(plan.id, self._save(plan))
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(self, team_id: UUID, plan_id: UUID) -> tuple[PlanRun, int]:
+        """Start a run; refused when the plan's account has been unlinked."""
+        plan = self.get_plan(team_id, plan_id)
+        account = self.get_account(team_id, plan.account_id)
+        if not account.linked:
+            raise Conflict(
+                f"account {account.id} of plan {plan_id} is unlinked; runs against it are refused"
+            )
+        run = PlanRun(team_id=team_id, plan_id=plan_id, account_id=account.id)
+        return run, self._save(run)
+
+    def get_run(self, team_id: UUID, run_id: UUID) -> PlanRun:
+        return self._get(PlanRun, run_id, team_id, "run")
+
+    def record_results(self, team_id: UUID, run_id: UUID, results: object) -> ResultsAccepted:
+        """Validate a batch and append it whole, or refuse it whole.
+
+        The run's version guards against a batch racing the run's end: two
+        writers on one run conflict in the store and the loser retries on the
+        fresh state (where an ended run refuses the batch).
+        """
+        findings = validate_batch(results)
+        for attempt in range(_CONCURRENT_RETRIES):
+            run = self.get_run(team_id, run_id)
+            batch = run.record_batch(findings)
+            try:
+                position = self._save(run, batch)
+            except IntegrityError:
+                if attempt == _CONCURRENT_RETRIES - 1:
+                    raise
+                continue
+            return ResultsAccepted(run.id, batch.batch_no, batch.count, position)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def complete_run(
+        self, team_id: UUID, run_id: UUID, status: str, error: str | None = None
+    ) -> Appended:
+        """End a run as succeeded or failed; afterwards it refuses results."""
+        if status not in RUN_END_STATES:
+            raise InvalidInput("status", f"must be one of {', '.join(RUN_END_STATES)}")
+        if error is not None:
+            error = _text(error, "error", MAX_ERROR)
+        for attempt in range(_CONCURRENT_RETRIES):
+            run = self.get_run(team_id, run_id)
+            run.finish(status=status, error=error)
+            try:
+                return Appended(run.id, self._save(run))
+            except IntegrityError:
+                if attempt == _CONCURRENT_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def run_results(self, team_id: UUID, run_id: UUID) -> Iterator[Finding]:
+        """The results of a run straight from the event store, in append order.
+
+        The display views are the fast way to read results; this is the ground
+        truth they are checked against.
+        """
+        run = self.get_run(team_id, run_id)
+        for batch_no in range(1, run.batches + 1):
+            batch_id = ResultBatch.create_id(run.id, batch_no)
+            for stored in self.events.get(batch_id):
+                yield from getattr(stored, "results", [])
+
+    # --------------------------------------------------------------- helpers
+
+    def head_position(self) -> int:
+        """The last position in the log (0 when empty)."""
+        return self.recorder.max_notification_id() or 0
+
+    def _save(self, *aggregates: Aggregate) -> int:
+        recordings: list[Recording[UUID]] = self.save(*aggregates)
+        return recordings[-1].notification.id
+
+    def _get(self, cls: type[A], ident: UUID, team_id: UUID, kind: str) -> A:
+        """Load an aggregate of the acting team, or raise ``NotFound`` uniformly."""
+        try:
+            aggregate: Any = self.repository.get(ident)
+        except AggregateNotFoundError:
+            raise NotFound(kind, ident) from None
+        if not isinstance(aggregate, cls):
+            raise NotFound(kind, ident)
+        owner = aggregate.id if isinstance(aggregate, Team) else aggregate.team_id
+        if owner != team_id:
+            raise NotFound(kind, ident)
+        return aggregate
+
+
+def _text(value: object, field: str, max_len: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(field, "must be a string")
+    stripped = value.strip()
+    if not stripped:
+        raise InvalidInput(field, "must not be empty")
+    if len(stripped) > max_len:
+        raise InvalidInput(field, f"must be at most {max_len} characters")
+    if "\x00" in stripped:
+        raise InvalidInput(field, "must not contain NUL characters")
+    return stripped

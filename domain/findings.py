@@ -1,0 +1,145 @@
+"""Validation of plan run results (findings) before they become events.
+
+Results arrive from other services and end up in events that are kept for
+years, in display tables and in backups. Everything is checked here, once, at
+the edge of the domain: a batch is accepted whole or refused whole, and a
+refusal names the offending field and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from domain.errors import InvalidInput
+
+SEVERITIES: Final = ("critical", "high", "medium", "low", "informational")
+STATUSES: Final = ("FAIL", "PASS", "ERROR", "SKIPPED")
+
+MAX_BATCH: Final = 1000
+MAX_RULE_ID: Final = 256
+MAX_TITLE: Final = 512
+MAX_RESOURCE_ARN: Final = 2048
+MAX_REGION: Final = 64
+MAX_MESSAGE: Final = 4096
+MAX_DETAILS_BYTES: Final = 16 * 1024
+
+REQUIRED_FIELDS: Final = (
+    "rule_id",
+    "title",
+    "severity",
+    "status",
+    "resource_arn",
+    "region",
+    "message",
+    "observed_at",
+)
+ALLOWED_FIELDS: Final = frozenset((*REQUIRED_FIELDS, "details"))
+
+Finding = dict[str, Any]
+
+
+def validate_batch(results: object) -> list[Finding]:
+    """Check a batch and return it normalised, or raise ``InvalidInput``.
+
+    Normalised means: fields in a fixed order, ``observed_at`` as an ISO-8601
+    string in UTC, ``details`` round-tripped through JSON so what is stored is
+    exactly what a reader will get back.
+    """
+    if not isinstance(results, Sequence) or isinstance(results, str | bytes):
+        raise InvalidInput("results", "must be a list of results")
+    if not 1 <= len(results) <= MAX_BATCH:
+        raise InvalidInput("results", f"must hold 1 to {MAX_BATCH} results, got {len(results)}")
+    return [validate_finding(item, f"results[{i}]") for i, item in enumerate(results)]
+
+
+def validate_finding(item: object, where: str = "result") -> Finding:
+    """Check one finding; ``where`` prefixes field names in errors."""
+    if not isinstance(item, Mapping):
+        raise InvalidInput(where, "must be an object")
+    unknown = set(item) - ALLOWED_FIELDS
+    if unknown:
+        name = sorted(str(k) for k in unknown)[0]
+        raise InvalidInput(f"{where}.{name}", "unknown field")
+    for name in REQUIRED_FIELDS:
+        if name not in item:
+            raise InvalidInput(f"{where}.{name}", "is required")
+    severity = item["severity"]
+    if severity not in SEVERITIES or not isinstance(severity, str):
+        raise InvalidInput(f"{where}.severity", f"must be one of {', '.join(SEVERITIES)}")
+    status = item["status"]
+    if status not in STATUSES or not isinstance(status, str):
+        raise InvalidInput(f"{where}.status", f"must be one of {', '.join(STATUSES)}")
+    finding: Finding = {
+        "rule_id": _text(item["rule_id"], f"{where}.rule_id", MAX_RULE_ID, empty=False),
+        "title": _text(item["title"], f"{where}.title", MAX_TITLE, empty=False),
+        "severity": severity,
+        "status": status,
+        "resource_arn": _text(
+            item["resource_arn"], f"{where}.resource_arn", MAX_RESOURCE_ARN, empty=False
+        ),
+        "region": _text(item["region"], f"{where}.region", MAX_REGION, empty=False),
+        "message": _text(item["message"], f"{where}.message", MAX_MESSAGE, empty=True),
+        "observed_at": _timestamp(item["observed_at"], f"{where}.observed_at"),
+    }
+    details = item.get("details")
+    if details is not None:
+        finding["details"] = _details(details, f"{where}.details")
+    return finding
+
+
+def _text(value: object, field: str, max_len: int, *, empty: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(field, "must be a string")
+    if not empty and not value:
+        raise InvalidInput(field, "must not be empty")
+    if len(value) > max_len:
+        raise InvalidInput(field, f"must be at most {max_len} characters, got {len(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(field, "must be valid Unicode (no lone surrogates)") from None
+    if "\x00" in value:
+        raise InvalidInput(field, "must not contain NUL characters")
+    return value
+
+
+def _timestamp(value: object, field: str) -> str:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidInput(field, "must be an ISO-8601 date-time") from None
+    else:
+        raise InvalidInput(field, "must be an ISO-8601 date-time string")
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InvalidInput(field, "must carry a time zone (for example 'Z')")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details(value: object, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(field, "must be an object")
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError) as error:
+        raise InvalidInput(field, f"must be plain JSON ({_reason(error)})") from None
+    except RecursionError:
+        raise InvalidInput(field, "is nested too deeply") from None
+    if size > MAX_DETAILS_BYTES:
+        raise InvalidInput(field, f"must be at most {MAX_DETAILS_BYTES} bytes of JSON, got {size}")
+    if "\\u0000" in text or "\x00" in text:
+        raise InvalidInput(field, "must not contain NUL characters")
+    decoded: dict[str, Any] = json.loads(text)
+    return decoded
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,233 @@
+"""Aggregates: teams, linked cloud accounts, plans, plan runs and result batches.
+
+Every event class carries an explicit, stable ``TOPIC`` (``resultsvc/<Aggregate>/<Event>``)
+so that stored events keep resolving when classes move or are renamed. Never
+change a topic string once data exists; add a new event class instead.
+With explicit topics, eventsourcing wants one on every nested event class,
+including the ``Snapshot`` class and the inherited ``Created`` base, even when
+the creation event has another name (``Linked``, ``Started``...).
+
+Results are not events of the run itself: each batch is a small aggregate of
+its own (one event, id derived from the run and the batch number), and the
+run only records a short ``BatchRecorded`` marker. Appending the 2,000th batch
+therefore loads a run of a few small markers (bounded further by snapshots and
+the aggregate cache), never the results of the 1,999 batches before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import Conflict
+
+RUN_RUNNING = "running"
+RUN_SUCCEEDED = "succeeded"
+RUN_FAILED = "failed"
+RUN_END_STATES = (RUN_SUCCEEDED, RUN_FAILED)
+
+_BATCH_NAMESPACE = uuid5(NAMESPACE_URL, "resultsvc:result-batch")
+_EXTERNAL_ID_NAMESPACE = uuid5(NAMESPACE_URL, "resultsvc:external-id")
+
+
+class Team(Aggregate):
+    """A customer team: the unit of isolation for everything else."""
+
+    TOPIC = "resultsvc/Team"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/Team/Snapshot"
+
+    @event("Created", topic="resultsvc/Team/Created")
+    def __init__(self, name: str, external_id: str) -> None:
+        self.name = name
+        self.external_id = external_id
+
+
+class ExternalIdClaim(Aggregate):
+    """Makes a team's External ID unique: its id is derived from the External ID.
+
+    Saved together with the team, so a (vanishingly unlikely) collision fails
+    the save on the event store's own uniqueness constraint instead of
+    silently sharing an External ID between two teams.
+    """
+
+    TOPIC = "resultsvc/ExternalIdClaim"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/ExternalIdClaim/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/ExternalIdClaim/Created"
+
+    @staticmethod
+    def create_id(external_id: str) -> UUID:
+        return uuid5(_EXTERNAL_ID_NAMESPACE, external_id)
+
+    @event("Claimed", topic="resultsvc/ExternalIdClaim/Claimed")
+    def __init__(self, external_id: str, team_id: UUID) -> None:
+        self.team_id = team_id
+
+
+class CloudAccount(Aggregate):
+    """A customer's AWS account, reachable only through a role the customer controls."""
+
+    TOPIC = "resultsvc/CloudAccount"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/CloudAccount/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/CloudAccount/Created"
+
+    @event("Linked", topic="resultsvc/CloudAccount/Linked")
+    def __init__(
+        self,
+        team_id: UUID,
+        role_arn: str,
+        aws_account_id: str,
+        method: str,
+        verified: bool,
+        linked_by: str,
+    ) -> None:
+        self.team_id = team_id
+        self.role_arn = role_arn
+        self.aws_account_id = aws_account_id
+        self.method = method
+        self.verified = verified
+        self.linked_by = linked_by
+        self.linked = True
+
+    def unlink(self, unlinked_by: str) -> None:
+        """Record that the service must no longer use this account."""
+        if not self.linked:
+            raise Conflict(f"account {self.id} is already unlinked")
+        self._unlink(unlinked_by=unlinked_by)
+
+    @event("Unlinked", topic="resultsvc/CloudAccount/Unlinked")
+    def _unlink(self, unlinked_by: str) -> None:
+        self.linked = False
+
+
+class Plan(Aggregate):
+    """An audit or deployment plan a team runs against one of its accounts."""
+
+    TOPIC = "resultsvc/Plan"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/Plan/Snapshot"
+
+    @event("Created", topic="resultsvc/Plan/Created")
+    def __init__(self, team_id: UUID, account_id: UUID, name: str) -> None:
+        self.team_id = team_id
+        self.account_id = account_id
+        self.name = name
+        self.backup_excluded = False
+
+    def request_backup_exclusion(self, reason: str, ticket: str | None, requested_by: str) -> None:
+        """Record a compliance request to keep this plan's results out of backups."""
+        if self.backup_excluded:
+            raise Conflict(f"plan {self.id} is already excluded from backups")
+        self._request_backup_exclusion(
+            team_id=self.team_id, reason=reason, ticket=ticket, requested_by=requested_by
+        )
+
+    @event("BackupExclusionRequested", topic="resultsvc/Plan/BackupExclusionRequested")
+    def _request_backup_exclusion(
+        self, team_id: UUID, reason: str, ticket: str | None, requested_by: str
+    ) -> None:
+        self.backup_excluded = True
+
+
+class PlanRun(Aggregate):
+    """One run of a plan: started, results recorded in batches, then ended.
+
+    The run keeps only counters; results live in ``ResultBatch`` aggregates.
+    Every event names the plan so that readers (projections, backups keyed per
+    plan) never need to look the run up to know which plan an event is about.
+    """
+
+    TOPIC = "resultsvc/PlanRun"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/PlanRun/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/PlanRun/Created"
+
+    @event("Started", topic="resultsvc/PlanRun/Started")
+    def __init__(self, team_id: UUID, plan_id: UUID, account_id: UUID) -> None:
+        self.team_id = team_id
+        self.plan_id = plan_id
+        self.account_id = account_id
+        self.status = RUN_RUNNING
+        self.error: str | None = None
+        self.batches = 0
+        self.total = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.status in RUN_END_STATES
+
+    def record_batch(self, results: list[dict[str, Any]]) -> ResultBatch:
+        """Accept an already validated batch; return the aggregate holding it."""
+        if self.ended:
+            raise Conflict(f"run {self.id} has ended ({self.status}); it takes no more results")
+        batch_no = self.batches + 1
+        self._batch_recorded(plan_id=self.plan_id, batch_no=batch_no, count=len(results))
+        return ResultBatch(
+            team_id=self.team_id,
+            plan_id=self.plan_id,
+            run_id=self.id,
+            batch_no=batch_no,
+            results=results,
+        )
+
+    @event("BatchRecorded", topic="resultsvc/PlanRun/BatchRecorded")
+    def _batch_recorded(self, plan_id: UUID, batch_no: int, count: int) -> None:
+        self.batches = batch_no
+        self.total += count
+
+    def finish(self, status: str, error: str | None) -> None:
+        """End the run as succeeded or failed; a run ends once."""
+        if self.ended:
+            raise Conflict(f"run {self.id} has already ended ({self.status})")
+        self._ended(plan_id=self.plan_id, status=status, error=error)
+
+    @event("Ended", topic="resultsvc/PlanRun/Ended")
+    def _ended(self, plan_id: UUID, status: str, error: str | None) -> None:
+        self.status = status
+        self.error = error
+
+
+class ResultBatch(Aggregate):
+    """One batch of results of a run: a single event, never changed afterwards."""
+
+    TOPIC = "resultsvc/ResultBatch"
+
+    class Snapshot(Aggregate.Snapshot):
+        TOPIC = "resultsvc/ResultBatch/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/ResultBatch/Created"
+
+    @staticmethod
+    def create_id(run_id: UUID, batch_no: int) -> UUID:
+        return uuid5(_BATCH_NAMESPACE, f"{run_id}/{batch_no}")
+
+    @event("Recorded", topic="resultsvc/ResultBatch/Recorded")
+    def __init__(
+        self,
+        team_id: UUID,
+        plan_id: UUID,
+        run_id: UUID,
+        batch_no: int,
+        results: list[dict[str, Any]],
+    ) -> None:
+        self.team_id = team_id
+        self.plan_id = plan_id
+        self.run_id = run_id
+        self.batch_no = batch_no
+        self.count = len(results)
