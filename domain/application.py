@@ -227,7 +227,7 @@ class ResultsApp(Application[UUID]):
             raise NotFound(kind, ident) from None
         if not isinstance(aggregate, cls):
             raise NotFound(kind, ident)
-        owner = aggregate.id if isinstance(aggregate, Team) else aggregate.team_id
+        owner = aggregate.id if isinstance(aggregate, Team) else getattr(aggregate, "team_id", None)
         if owner != team_id:
             raise NotFound(kind, ident)
         return aggregate

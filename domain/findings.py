@@ -9,6 +9,7 @@ refusal names the offending field and the rule it broke.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -40,6 +41,13 @@ ALLOWED_FIELDS: Final = frozenset((*REQUIRED_FIELDS, "details"))
 
 Finding = dict[str, Any]
 
+# A NUL escaped in JSON text: ``\u0000`` after an even number of backslashes
+# (an odd number would make it the escaped backslash of a literal "\\u0000").
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+# The normalised spelling of a UTC instant; input already in it is kept as is.
+_CANONICAL_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?Z")
+
 
 def validate_batch(results: object) -> list[Finding]:
     """Check a batch and return it normalised, or raise ``InvalidInput``.
@@ -55,34 +63,55 @@ def validate_batch(results: object) -> list[Finding]:
     return [validate_finding(item, f"results[{i}]") for i, item in enumerate(results)]
 
 
+_TEXT_FIELDS: Final = (
+    # (field, max characters, may be empty)
+    ("rule_id", MAX_RULE_ID, False),
+    ("title", MAX_TITLE, False),
+    ("resource_arn", MAX_RESOURCE_ARN, False),
+    ("region", MAX_REGION, False),
+    ("message", MAX_MESSAGE, True),
+)
+
+
 def validate_finding(item: object, where: str = "result") -> Finding:
-    """Check one finding; ``where`` prefixes field names in errors."""
+    """Check one finding; ``where`` prefixes field names in errors.
+
+    Runs for every result ingested (tens of thousands a second), so the
+    common case is kept to a few cheap checks per field.
+    """
     if not isinstance(item, Mapping):
         raise InvalidInput(where, "must be an object")
-    unknown = set(item) - ALLOWED_FIELDS
-    if unknown:
-        name = sorted(str(k) for k in unknown)[0]
+    if not ALLOWED_FIELDS.issuperset(item):
+        name = sorted(str(k) for k in set(item) - ALLOWED_FIELDS)[0]
         raise InvalidInput(f"{where}.{name}", "unknown field")
     for name in REQUIRED_FIELDS:
         if name not in item:
             raise InvalidInput(f"{where}.{name}", "is required")
     severity = item["severity"]
-    if severity not in SEVERITIES or not isinstance(severity, str):
+    if not isinstance(severity, str) or severity not in SEVERITIES:
         raise InvalidInput(f"{where}.severity", f"must be one of {', '.join(SEVERITIES)}")
     status = item["status"]
-    if status not in STATUSES or not isinstance(status, str):
+    if not isinstance(status, str) or status not in STATUSES:
         raise InvalidInput(f"{where}.status", f"must be one of {', '.join(STATUSES)}")
+    for name, max_len, may_be_empty in _TEXT_FIELDS:
+        value = item[name]
+        if (
+            type(value) is not str
+            or len(value) > max_len
+            or not (value or may_be_empty)
+            or not value.isascii()
+            or "\x00" in value
+        ):
+            _text(value, f"{where}.{name}", max_len, empty=may_be_empty)
     finding: Finding = {
-        "rule_id": _text(item["rule_id"], f"{where}.rule_id", MAX_RULE_ID, empty=False),
-        "title": _text(item["title"], f"{where}.title", MAX_TITLE, empty=False),
+        "rule_id": item["rule_id"],
+        "title": item["title"],
         "severity": severity,
         "status": status,
-        "resource_arn": _text(
-            item["resource_arn"], f"{where}.resource_arn", MAX_RESOURCE_ARN, empty=False
-        ),
-        "region": _text(item["region"], f"{where}.region", MAX_REGION, empty=False),
-        "message": _text(item["message"], f"{where}.message", MAX_MESSAGE, empty=True),
-        "observed_at": _timestamp(item["observed_at"], f"{where}.observed_at"),
+        "resource_arn": item["resource_arn"],
+        "region": item["region"],
+        "message": item["message"],
+        "observed_at": _timestamp(item["observed_at"], where),
     }
     details = item.get("details")
     if details is not None:
@@ -91,6 +120,7 @@ def validate_finding(item: object, where: str = "result") -> Finding:
 
 
 def _text(value: object, field: str, max_len: int, *, empty: bool) -> str:
+    """The full check of a text field, with the precise reason when it fails."""
     if not isinstance(value, str):
         raise InvalidInput(field, "must be a string")
     if not empty and not value:
@@ -107,7 +137,8 @@ def _text(value: object, field: str, max_len: int, *, empty: bool) -> str:
     return value
 
 
-def _timestamp(value: object, field: str) -> str:
+def _timestamp(value: object, where: str) -> str:
+    field = where + ".observed_at"
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str) and len(value) <= 64:
@@ -115,11 +146,18 @@ def _timestamp(value: object, field: str) -> str:
             moment = datetime.fromisoformat(value)
         except ValueError:
             raise InvalidInput(field, "must be an ISO-8601 date-time") from None
+        # Fast path: already canonical (isoformat drops a zero fraction).
+        if _CANONICAL_UTC.fullmatch(value) and (len(value) == 20 or moment.microsecond):
+            return value
     else:
         raise InvalidInput(field, "must be an ISO-8601 date-time string")
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise InvalidInput(field, "must carry a time zone (for example 'Z')")
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(field, "is out of range once converted to UTC") from None
+    return utc.isoformat().replace("+00:00", "Z")
 
 
 def _details(value: object, field: str) -> dict[str, Any]:
@@ -134,7 +172,7 @@ def _details(value: object, field: str) -> dict[str, Any]:
         raise InvalidInput(field, "is nested too deeply") from None
     if size > MAX_DETAILS_BYTES:
         raise InvalidInput(field, f"must be at most {MAX_DETAILS_BYTES} bytes of JSON, got {size}")
-    if "\\u0000" in text or "\x00" in text:
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise InvalidInput(field, "must not contain NUL characters")
     decoded: dict[str, Any] = json.loads(text)
     return decoded

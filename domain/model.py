@@ -20,6 +20,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from domain.errors import Conflict
 
@@ -37,7 +38,7 @@ class Team(Aggregate):
 
     TOPIC = "resultsvc/Team"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/Team/Snapshot"
 
     @event("Created", topic="resultsvc/Team/Created")
@@ -56,7 +57,7 @@ class ExternalIdClaim(Aggregate):
 
     TOPIC = "resultsvc/ExternalIdClaim"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/ExternalIdClaim/Snapshot"
 
     class Created(Aggregate.Created):
@@ -76,7 +77,7 @@ class CloudAccount(Aggregate):
 
     TOPIC = "resultsvc/CloudAccount"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/CloudAccount/Snapshot"
 
     class Created(Aggregate.Created):
@@ -116,7 +117,7 @@ class Plan(Aggregate):
 
     TOPIC = "resultsvc/Plan"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/Plan/Snapshot"
 
     @event("Created", topic="resultsvc/Plan/Created")
@@ -151,7 +152,7 @@ class PlanRun(Aggregate):
 
     TOPIC = "resultsvc/PlanRun"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/PlanRun/Snapshot"
 
     class Created(Aggregate.Created):
@@ -207,7 +208,7 @@ class ResultBatch(Aggregate):
 
     TOPIC = "resultsvc/ResultBatch"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = "resultsvc/ResultBatch/Snapshot"
 
     class Created(Aggregate.Created):

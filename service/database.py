@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from domain.application import ResultsApp
 
@@ -52,13 +53,14 @@ class DatabaseConfig:
 
     def eventsourcing_env(self) -> dict[str, str]:
         """The environment eventsourcing reads to build its recorders."""
+        common = {"COMPRESSOR_TOPIC": "service.compression:ZstdCompressor"}
         if self.kind == "sqlite":
-            return {
+            return common | {
                 "PERSISTENCE_MODULE": "eventsourcing.sqlite",
                 "SQLITE_DBNAME": str(self.sqlite_path),
                 "SQLITE_LOCK_TIMEOUT": "30",
             }
-        return {
+        return common | {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_HOST": self.host,
             "POSTGRES_PORT": str(self.port),
@@ -71,15 +73,16 @@ class DatabaseConfig:
             "POSTGRES_PRE_PING": "y",
         }
 
-    def psycopg_kwargs(self) -> dict[str, object]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "password": self.password or os.environ.get("PGPASSWORD") or None,
-            "dbname": self.dbname,
-            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-        }
+    def conninfo(self, connect_timeout: int = CONNECT_TIMEOUT_SECONDS) -> str:
+        """A libpq connection string for direct psycopg connections (views, admin)."""
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password or os.environ.get("PGPASSWORD") or None,
+            dbname=self.dbname,
+            connect_timeout=connect_timeout,
+        )
 
 
 def parse_database_url(url: str) -> DatabaseConfig:
@@ -138,12 +141,14 @@ def prepare(config: DatabaseConfig) -> None:
             ) from None
         return
     try:
-        with psycopg.connect(**config.psycopg_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(config.conninfo(), autocommit=True) as conn:
             conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.schema))
             )
     except psycopg.Error as error:
-        raise DatabaseUnavailable(f"cannot reach database {config.display}: {_first_line(error)}") from None
+        raise DatabaseUnavailable(
+            f"cannot reach database {config.display}: {_first_line(error)}"
+        ) from None
 
 
 def open_application(url: str) -> ResultsApp:
@@ -153,7 +158,9 @@ def open_application(url: str) -> ResultsApp:
     try:
         return ResultsApp(env=config.eventsourcing_env())
     except (psycopg.Error, OSError) as error:
-        raise DatabaseUnavailable(f"cannot open event store {config.display}: {_first_line(error)}") from None
+        raise DatabaseUnavailable(
+            f"cannot open event store {config.display}: {_first_line(error)}"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

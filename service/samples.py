@@ -29,7 +29,11 @@ _STATUS_WEIGHTS = (("FAIL", 0.35), ("PASS", 0.55), ("ERROR", 0.03), ("SKIPPED", 
 
 
 def findings(
-    count: int, *, aws_account_id: str = "123456789012", seed: int = 7, start: datetime | None = None
+    count: int,
+    *,
+    aws_account_id: str = "123456789012",
+    seed: int = 7,
+    start: datetime | None = None,
 ) -> Iterator[dict[str, Any]]:
     """``count`` findings as a scanner would report them (about 300 bytes of JSON each)."""
     rng = random.Random(seed)
@@ -56,9 +60,7 @@ def findings(
         yield finding
 
 
-def batches(
-    total: int, size: int, **kwargs: Any
-) -> Iterator[list[dict[str, Any]]]:
+def batches(total: int, size: int, **kwargs: Any) -> Iterator[list[dict[str, Any]]]:
     """``findings(total)`` cut into lists of ``size``."""
     batch: list[dict[str, Any]] = []
     for finding in findings(total, **kwargs):

@@ -29,7 +29,7 @@ LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/test"
 def _reachable(url: str) -> bool:
     config = parse_database_url(url)
     try:
-        psycopg.connect(**{**config.psycopg_kwargs(), "connect_timeout": 3}).close()  # type: ignore[arg-type]
+        psycopg.connect(config.conninfo(connect_timeout=3)).close()
     except psycopg.Error:
         return False
     return True
@@ -72,12 +72,12 @@ def pg_database() -> Iterator[str]:
         pytest.skip(message)
     admin = parse_database_url(server)
     dbname = f"resultsvc_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(**admin.psycopg_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(admin.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     try:
         yield _with_dbname(server, dbname)
     finally:
-        with psycopg.connect(**admin.psycopg_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(admin.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
             )
@@ -91,7 +91,7 @@ def pg_url(pg_database: str) -> Iterator[str]:
     schema = f"t_{uuid.uuid4().hex[:16]}"
     yield _with_dbname(pg_database, urlsplit(pg_database).path.lstrip("/"), f"schema={schema}")
     config = parse_database_url(pg_database)
-    with psycopg.connect(**config.psycopg_kwargs(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(config.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 

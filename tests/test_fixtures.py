@@ -14,7 +14,7 @@ from service.database import parse_database_url
 def test_postgres_schema_is_private_to_the_test(pg_url: str) -> None:
     config = parse_database_url(pg_url)
     assert config.schema.startswith("t_")
-    with psycopg.connect(**config.psycopg_kwargs()) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(config.conninfo()) as conn:  # type: ignore[arg-type]
         name = conn.execute("SELECT current_database()").fetchone()
     assert name is not None and name[0].startswith("resultsvc_test_")
 
