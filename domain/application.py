@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
@@ -27,6 +28,7 @@ from domain.findings import Finding, validate_batch
 from domain.model import (
     RUN_END_STATES,
     CloudAccount,
+    DisplayPurge,
     ExternalIdClaim,
     Plan,
     PlanRun,
@@ -208,6 +210,37 @@ class ResultsApp(Application[UUID]):
             batch_id = ResultBatch.create_id(run.id, batch_no)
             for stored in self.events.get(batch_id):
                 yield from getattr(stored, "results", [])
+
+    # ---------------------------------------------------------- display purge
+
+    def purge_display(
+        self,
+        team_id: UUID,
+        *,
+        plan_id: UUID | None = None,
+        started_before: datetime | None = None,
+        actor: str,
+        reason: str,
+    ) -> Appended:
+        """Record a purge of a team's display data: all of it, one plan's, or older runs.
+
+        Only the display views act on it; backups keep what they hold (their
+        own retention and exclusions govern them).
+        """
+        reason = _text(reason, "reason", MAX_REASON)
+        self.get_team(team_id)
+        if plan_id is not None:
+            self.get_plan(team_id, plan_id)
+        if started_before is not None and started_before.tzinfo is None:
+            raise InvalidInput("started_before", "must carry a time zone")
+        purge = DisplayPurge(
+            team_id=team_id,
+            plan_id=plan_id,
+            started_before=started_before,
+            requested_by=actor,
+            reason=reason,
+        )
+        return Appended(purge.id, self._save(purge))
 
     # --------------------------------------------------------------- helpers
 

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 from domain.errors import InvalidInput
 
-# IAM limits: a path is "/" or "/segment/.../" of printable ASCII up to 512
-# characters; a role name is 1 to 64 characters of [A-Za-z0-9+=,.@_-].
+# IAM limits: a path is "/" or "/segment/.../" (non-empty segments of
+# printable ASCII) up to 512 characters; a role name is 1 to 64 characters of
+# [A-Za-z0-9+=,.@_-].
 _ROLE_ARN = re.compile(
     r"arn:aws:iam::(?P<account>[0-9]{12}):role"
-    r"(?P<path>/(?:[\x21-\x7e]{0,510}/)?)"
+    r"(?P<path>/(?:[\x21-\x2e\x30-\x7e]+/)*)"
     r"(?P<name>[A-Za-z0-9+=,.@_-]{1,64})"
 )
+MAX_PATH = 512
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def parse_role_arn(value: object, field: str = "role_arn") -> RoleArn:
     if not isinstance(value, str):
         raise InvalidInput(field, "must be a string")
     match = _ROLE_ARN.fullmatch(value)
-    if match is None:
+    if match is None or len(match["path"]) > MAX_PATH:
         raise InvalidInput(
             field, "must be an IAM role ARN: arn:aws:iam::<12-digit account id>:role/<path/name>"
         )

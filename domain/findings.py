@@ -175,7 +175,21 @@ def _details(value: object, field: str) -> dict[str, Any]:
     if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise InvalidInput(field, "must not contain NUL characters")
     decoded: dict[str, Any] = json.loads(text)
+    if '"_type_"' in text and _has_reserved_pair(decoded):
+        # The event store's JSON transcoder reads {"_type_": ..., "_data_": ...}
+        # as one of its own encoded values: stored, it would not read back.
+        raise InvalidInput(field, "must not hold an object with exactly the keys _type_ and _data_")
     return decoded
+
+
+def _has_reserved_pair(value: object) -> bool:
+    if isinstance(value, dict):
+        if len(value) == 2 and "_type_" in value and "_data_" in value:
+            return True
+        return any(_has_reserved_pair(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_reserved_pair(item) for item in value)
+    return False
 
 
 def _reason(error: Exception) -> str:

@@ -16,6 +16,7 @@ the aggregate cache), never the results of the 1,999 batches before it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -232,3 +233,34 @@ class ResultBatch(Aggregate):
         self.run_id = run_id
         self.batch_no = batch_no
         self.count = len(results)
+
+
+class DisplayPurge(Aggregate):
+    """A request to remove results from the display views (never from backups).
+
+    Recorded as an event so that a projection rebuild or a restore replays it
+    and never shows the purged results again. A purge always names its team:
+    the projector's delete statements always carry it, so one team's purge
+    can never reach another team's rows.
+    """
+
+    TOPIC = "resultsvc/DisplayPurge"
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = "resultsvc/DisplayPurge/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/DisplayPurge/Created"
+
+    @event("Requested", topic="resultsvc/DisplayPurge/Requested")
+    def __init__(
+        self,
+        team_id: UUID,
+        plan_id: UUID | None,
+        started_before: datetime | None,
+        requested_by: str,
+        reason: str,
+    ) -> None:
+        self.team_id = team_id
+        self.plan_id = plan_id
+        self.started_before = started_before

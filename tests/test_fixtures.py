@@ -27,7 +27,7 @@ def test_boto3_reaches_moto_over_http_through_its_own_settings(aws: str) -> None
     s3.put_object(Bucket="fixture-check", Key="k", Body=b"v")
     # The server's own state, read over plain HTTP, holds the bucket: boto3
     # talked to a real server over the loopback network.
-    with urllib.request.urlopen(f"{aws}/moto-api/data.json") as response:  # noqa: S310
+    with urllib.request.urlopen(f"{aws}/moto-api/data.json") as response:
         assert "fixture-check" in response.read().decode()
     identity = boto3.client("sts").get_caller_identity()
     assert json.dumps(identity["Account"]).strip('"').isdigit()
