@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from domain.application import ResultsApp
+from projections.sqlstore import ViewDatabase
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 CONNECT_TIMEOUT_SECONDS = 5
@@ -161,6 +162,17 @@ def open_application(url: str) -> ResultsApp:
         raise DatabaseUnavailable(
             f"cannot open event store {config.display}: {_first_line(error)}"
         ) from None
+
+
+def view_database(url: str) -> ViewDatabase:
+    """The display views' database: the same store as the events."""
+    config = parse_database_url(url)
+    return ViewDatabase(
+        config.kind,
+        sqlite_path=config.sqlite_path,
+        conninfo=config.conninfo() if config.kind == "postgresql" else "",
+        schema=config.schema,
+    )
 
 
 def _first_line(error: BaseException) -> str:

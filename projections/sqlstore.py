@@ -1,0 +1,127 @@
+"""One small SQL layer for the views on both stores: SQLite (embedded) and PostgreSQL.
+
+Views live in the same database as the events (the same SQLite file, or the
+same PostgreSQL schema), so one URL names everything. Statements are written
+once with ``?`` placeholders and translated for psycopg. Bulk inserts use
+``COPY`` on PostgreSQL and ``executemany`` on SQLite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+
+Row = tuple[Any, ...]
+
+
+class ViewDatabase:
+    """Opens connections for the views and runs transactions on them.
+
+    Built by the composition root (``service.database.view_database``) from
+    the same URL as the event store.
+    """
+
+    def __init__(
+        self,
+        dialect: str,
+        *,
+        sqlite_path: Path | None = None,
+        conninfo: str = "",
+        schema: str = "public",
+    ) -> None:
+        if dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.dialect = dialect
+        self.sqlite_path = sqlite_path
+        self.conninfo = conninfo
+        self.schema = schema
+
+    # ----------------------------------------------------------- connections
+
+    def connect(self) -> Any:
+        """A new connection in manual-transaction mode."""
+        if self.dialect == "sqlite":
+            assert self.sqlite_path is not None
+            conn = sqlite3.connect(
+                self.sqlite_path,
+                timeout=30,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            return conn
+        conn = psycopg.connect(self.conninfo)
+        conn.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(self.schema)))
+        conn.commit()
+        return conn
+
+    @contextmanager
+    def transaction(self, conn: Any, *, write: bool = True) -> Iterator[Cursor]:
+        """A transaction; on SQLite a write transaction takes the write lock up front."""
+        if self.dialect == "sqlite":
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield Cursor(self, conn.cursor())
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        else:
+            try:
+                with conn.cursor() as cur:
+                    yield Cursor(self, cur)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    # ------------------------------------------------------------- statements
+
+    def translate(self, statement: str) -> str:
+        return statement if self.dialect == "sqlite" else statement.replace("?", "%s")
+
+
+class Cursor:
+    """A cursor that speaks ``?`` on both stores, with a bulk insert."""
+
+    def __init__(self, db: ViewDatabase, cursor: Any) -> None:
+        self.db = db
+        self.raw = cursor
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; return the number of rows it changed."""
+        self.raw.execute(self.db.translate(statement), tuple(params))
+        return int(self.raw.rowcount)
+
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
+        self.raw.execute(self.db.translate(statement), tuple(params))
+        return [tuple(row) for row in self.raw.fetchall()]
+
+    def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Row | None:
+        self.raw.execute(self.db.translate(statement), tuple(params))
+        row = self.raw.fetchone()
+        return None if row is None else tuple(row)
+
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        """Bulk insert: ``COPY`` on PostgreSQL, ``executemany`` on SQLite."""
+        if not rows:
+            return
+        if self.db.dialect == "sqlite":
+            marks = ", ".join("?" for _ in columns)
+            self.raw.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
+            )
+            return
+        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+            pgsql.Identifier(table), pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
+        )
+        with self.raw.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
