@@ -28,13 +28,13 @@ def scratch_database(prefix: str) -> Iterator[str]:
     """A database created for one benchmark and dropped afterwards, whatever happens."""
     admin = parse_database_url(SERVER_URL)
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+    with psycopg.connect(admin.conninfo(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     parts = urlsplit(SERVER_URL)
     try:
         yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
     finally:
-        with psycopg.connect(admin.conninfo(), autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(admin.conninfo(), autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )

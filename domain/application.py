@@ -25,6 +25,7 @@ from eventsourcing.persistence import IntegrityError, Recording
 from domain.arn import parse_role_arn
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.findings import Finding, validate_batch
+from domain.transcoding import OrjsonTranscoder
 from domain.model import (
     RUN_END_STATES,
     CloudAccount,
@@ -71,6 +72,12 @@ class ResultsApp(Application[UUID]):
     # at most this many events, the cache makes a warm load O(new events).
     snapshotting_intervals: ClassVar = {PlanRun: 100}
     env: ClassVar = {"AGGREGATE_CACHE_MAXSIZE": "10000", "DEEPCOPY_FROM_AGGREGATE_CACHE": "y"}
+
+    def construct_transcoder(self) -> OrjsonTranscoder:
+        """The stored format of events: eventsourcing's JSON, written by orjson."""
+        transcoder = OrjsonTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     # ----------------------------------------------------------------- teams
 

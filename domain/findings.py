@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
+
 from domain.errors import InvalidInput
 
 SEVERITIES: Final = ("critical", "high", "medium", "low", "informational")
@@ -164,18 +166,24 @@ def _details(value: object, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(field, "must be an object")
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        size = len(text.encode("utf-8"))
-    except (TypeError, ValueError) as error:
-        raise InvalidInput(field, f"must be plain JSON ({_reason(error)})") from None
-    except RecursionError:
-        raise InvalidInput(field, "is nested too deeply") from None
-    if size > MAX_DETAILS_BYTES:
-        raise InvalidInput(field, f"must be at most {MAX_DETAILS_BYTES} bytes of JSON, got {size}")
-    if "\\u0000" in text and _ESCAPED_NUL.search(text):
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError as error:
+        reason = "is nested too deeply" if "Recursion" in str(error) else None
+        raise InvalidInput(field, reason or f"must be plain JSON ({_reason(error)})") from None
+    if len(text) > MAX_DETAILS_BYTES:
+        raise InvalidInput(
+            field, f"must be at most {MAX_DETAILS_BYTES} bytes of JSON, got {len(text)}"
+        )
+    decoded: dict[str, Any] = orjson.loads(text)
+    if decoded != value:
+        # Tuples come back as lists (fine); NaN and Infinity as null (refused).
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise InvalidInput(field, "must be plain JSON (no NaN or Infinity)") from None
+    if b"\\u0000" in text and _ESCAPED_NUL.search(text.decode()):
         raise InvalidInput(field, "must not contain NUL characters")
-    decoded: dict[str, Any] = json.loads(text)
-    if '"_type_"' in text and _has_reserved_pair(decoded):
+    if b'"_type_"' in text and _has_reserved_pair(decoded):
         # The event store's JSON transcoder reads {"_type_": ..., "_data_": ...}
         # as one of its own encoded values: stored, it would not read back.
         raise InvalidInput(field, "must not hold an object with exactly the keys _type_ and _data_")

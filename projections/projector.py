@@ -20,7 +20,6 @@ import logging
 import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,10 +59,6 @@ class ViewStatus:
     @property
     def lag(self) -> int:
         return max(0, self.head - self.position)
-
-
-class ViewsBehind(Exception):
-    """The views did not reach a position in time (the caller may retry)."""
 
 
 def now_text() -> str:
@@ -150,7 +145,7 @@ class Projector:
         for notification in notifications:
             if notification.topic in view.topics:
                 try:
-                    page.append((notification.id, to_event(notification)))
+                    page.append((notification.id, notification.topic, to_event(notification)))
                 except Exception as error:
                     raise EventNotProjectable(
                         f"cannot decode {notification.topic} at position {notification.id}: "
@@ -202,7 +197,9 @@ class Projector:
     def restart_failed(self) -> list[str]:
         """Put failed views back to running (after a fix): they retry the event that failed."""
         with self._lock, self.db.transaction(self.connection()) as cur:
-            rows = cur.fetchall("SELECT view FROM projection_tracking WHERE state = ?", [STATE_FAILED])
+            rows = cur.fetchall(
+                "SELECT view FROM projection_tracking WHERE state = ?", [STATE_FAILED]
+            )
             cur.execute(
                 "UPDATE projection_tracking SET state = ?, last_error = NULL,"
                 " error_position = NULL, updated_at = ? WHERE state = ?",
@@ -226,7 +223,9 @@ class Projector:
                     self.catch_up()
                     backoff = 0.5
                 except TRANSIENT_ERRORS as error:
-                    log.warning("projector: %s; retrying in %.1fs", str(error).splitlines()[0], backoff)
+                    log.warning(
+                        "projector: %s; retrying in %.1fs", str(error).splitlines()[0], backoff
+                    )
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
@@ -279,27 +278,6 @@ class Projector:
             )
             for r in rows
         ]
-
-    def wait_for(self, position: int, timeout: float = 5.0) -> None:
-        """Return once every view has processed ``position``; else raise ``ViewsBehind``.
-
-        This is how a client reads its own writes without sleeping: the
-        append answered with a position, the read names it.
-        """
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            statuses = self.status()
-            behind = [s for s in statuses if s.position < position]
-            if not behind:
-                return
-            failed = [s.view for s in behind if s.state == STATE_FAILED]
-            if failed or time.monotonic() >= deadline:
-                names = ", ".join(f"{s.view} at {s.position}" for s in behind)
-                raise ViewsBehind(f"views behind position {position}: {names}")
-            self.wake()
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
 
     # ---------------------------------------------------------------- rebuild
 

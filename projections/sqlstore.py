@@ -9,6 +9,7 @@ once with ``?`` placeholders and translated for psycopg. Bulk inserts use
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
+from psycopg_pool import ConnectionPool
 
 Row = tuple[Any, ...]
 
@@ -41,6 +43,8 @@ class ViewDatabase:
         self.sqlite_path = sqlite_path
         self.conninfo = conninfo
         self.schema = schema
+        self._pool: ConnectionPool[Any] | None = None
+        self._pool_lock = threading.Lock()
 
     # ----------------------------------------------------------- connections
 
@@ -48,19 +52,59 @@ class ViewDatabase:
         """A new connection in manual-transaction mode."""
         if self.dialect == "sqlite":
             assert self.sqlite_path is not None
-            conn = sqlite3.connect(
+            lite = sqlite3.connect(
                 self.sqlite_path,
                 timeout=30,
                 isolation_level=None,
                 check_same_thread=False,
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            return conn
+            lite.execute("PRAGMA journal_mode=WAL")
+            lite.execute("PRAGMA synchronous=NORMAL")
+            return lite
         conn = psycopg.connect(self.conninfo)
         conn.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(self.schema)))
         conn.commit()
         return conn
+
+    @contextmanager
+    def reading(self) -> Iterator[Cursor]:
+        """A short read transaction on a pooled connection (PostgreSQL) or a fresh one (SQLite).
+
+        Reads happen on many threads at once; connecting to PostgreSQL costs
+        milliseconds, so readers share a small pool.
+        """
+        if self.dialect == "sqlite":
+            conn = self.connect()
+            try:
+                with self.transaction(conn, write=False) as cur:
+                    yield cur
+            finally:
+                conn.close()
+            return
+        with self.pool().connection() as conn, self.transaction(conn, write=False) as cur:
+            yield cur
+
+    def pool(self) -> ConnectionPool[Any]:
+        with self._pool_lock:
+            if self._pool is None:
+                schema = self.schema
+
+                def configure(conn: psycopg.Connection[Any]) -> None:
+                    conn.execute(
+                        pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(schema))
+                    )
+                    conn.commit()
+
+                self._pool = ConnectionPool(
+                    self.conninfo, min_size=1, max_size=8, configure=configure, open=True
+                )
+            return self._pool
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     @contextmanager
     def transaction(self, conn: Any, *, write: bool = True) -> Iterator[Cursor]:

@@ -18,14 +18,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from domain.model import (
-    CloudAccount,
-    DisplayPurge,
-    Plan,
-    PlanRun,
-    ResultBatch,
-    Team,
-)
 from projections.schema import DISPLAY_TABLES, EXCLUSION_TABLES, Table
 from projections.sqlstore import Cursor, Row
 
@@ -37,7 +29,12 @@ SEVERITY_COLUMNS = {
     "low": "sev_low",
     "informational": "sev_informational",
 }
-STATUS_COLUMNS = {"FAIL": "st_fail", "PASS": "st_pass", "ERROR": "st_error", "SKIPPED": "st_skipped"}
+STATUS_COLUMNS = {
+    "FAIL": "st_fail",
+    "PASS": "st_pass",
+    "ERROR": "st_error",
+    "SKIPPED": "st_skipped",
+}
 RESULT_COLUMNS = (
     "run_id",
     "seq",
@@ -54,7 +51,8 @@ RESULT_COLUMNS = (
     "details",
 )
 
-Page = Sequence[tuple[int, Any]]
+# (log position, event topic, decoded event); views dispatch on the stable topic.
+Page = Sequence[tuple[int, str, Any]]
 
 
 def iso(moment: datetime) -> str:
@@ -99,22 +97,21 @@ class DisplayView:
     def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
         pending: list[Row] = []
         s = suffix
-        for position, event in page:
+        for position, topic, event in page:
             try:
-                if isinstance(event, ResultBatch.Recorded):
+                if topic == "resultsvc/ResultBatch/Recorded":
                     pending.extend(self._batch(cur, event, s))
-                elif isinstance(event, DisplayPurge.Requested):
+                elif topic == "resultsvc/DisplayPurge/Requested":
                     cur.insert_many(f"view_results{s}", RESULT_COLUMNS, pending)
                     pending = []
                     self._purge(cur, event, s)
                 else:
-                    self._other(cur, event, s)
+                    self._other(cur, topic, event, s)
             except EventNotProjectable:
                 raise
             except Exception as error:
                 raise EventNotProjectable(
-                    f"{type(event).__qualname__} at position {position}: "
-                    f"{type(error).__name__}: {error}"
+                    f"{topic} at position {position}: {type(error).__name__}: {error}"
                 ) from error
         cur.insert_many(f"view_results{s}", RESULT_COLUMNS, pending)
 
@@ -181,16 +178,16 @@ class DisplayView:
             [team, team],
         )
 
-    def _other(self, cur: Cursor, event: Any, s: str) -> None:
+    def _other(self, cur: Cursor, topic: str, event: Any, s: str) -> None:
         at = iso(event.timestamp)
         ident = str(event.originator_id)
-        if isinstance(event, Team.Created):
+        if topic == "resultsvc/Team/Created":
             cur.execute(
                 f"INSERT INTO view_teams{s} (team_id, name, external_id, created_at)"
                 " VALUES (?, ?, ?, ?)",
                 [ident, event.name, event.external_id, at],
             )
-        elif isinstance(event, CloudAccount.Linked):
+        elif topic == "resultsvc/CloudAccount/Linked":
             cur.execute(
                 f"INSERT INTO view_accounts{s} (account_id, team_id, role_arn, aws_account_id,"
                 " method, verified, linked, linked_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
@@ -204,22 +201,20 @@ class DisplayView:
                     at,
                 ],
             )
-        elif isinstance(event, CloudAccount.Unlinked):
+        elif topic == "resultsvc/CloudAccount/Unlinked":
             cur.execute(
                 f"UPDATE view_accounts{s} SET linked = 0, unlinked_at = ? WHERE account_id = ?",
                 [at, ident],
             )
-        elif isinstance(event, Plan.Created):
+        elif topic == "resultsvc/Plan/Created":
             cur.execute(
                 f"INSERT INTO view_plans{s} (plan_id, team_id, account_id, name, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 [ident, str(event.team_id), str(event.account_id), event.name, at],
             )
-        elif isinstance(event, Plan.BackupExclusionRequested):
-            cur.execute(
-                f"UPDATE view_plans{s} SET backup_excluded = 1 WHERE plan_id = ?", [ident]
-            )
-        elif isinstance(event, PlanRun.Started):
+        elif topic == "resultsvc/Plan/BackupExclusionRequested":
+            cur.execute(f"UPDATE view_plans{s} SET backup_excluded = 1 WHERE plan_id = ?", [ident])
+        elif topic == "resultsvc/PlanRun/Started":
             cur.execute(
                 f"INSERT INTO view_runs{s} (run_id, team_id, plan_id, status, started_at)"
                 " VALUES (?, ?, ?, 'running', ?)",
@@ -229,7 +224,7 @@ class DisplayView:
                 f"UPDATE view_plans{s} SET latest_run_id = ? WHERE plan_id = ?",
                 [ident, str(event.plan_id)],
             )
-        elif isinstance(event, PlanRun.Ended):
+        elif topic == "resultsvc/PlanRun/Ended":
             cur.execute(
                 f"UPDATE view_runs{s} SET status = ?, finished_at = ?, error = ? WHERE run_id = ?",
                 [event.status, at, event.error, ident],
@@ -245,8 +240,8 @@ class ExclusionsView:
     topics = frozenset({"resultsvc/Plan/BackupExclusionRequested"})
 
     def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
-        for position, event in page:
-            if isinstance(event, Plan.BackupExclusionRequested):
+        for position, topic, event in page:
+            if topic == "resultsvc/Plan/BackupExclusionRequested":
                 cur.execute(
                     f"INSERT INTO view_exclusions{suffix} (plan_id, team_id, reason, ticket,"
                     " requested_by, requested_at, position) VALUES (?, ?, ?, ?, ?, ?, ?)",

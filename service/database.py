@@ -72,6 +72,9 @@ class DatabaseConfig:
             "POSTGRES_SCHEMA": self.schema,
             "POSTGRES_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_SECONDS),
             "POSTGRES_PRE_PING": "y",
+            # Not POSTGRES_ENABLE_DB_FUNCTIONS: its insert function skips the
+            # table lock that keeps log order equal to commit order, and the
+            # projector's "everything after position N" relies on that order.
         }
 
     def conninfo(self, connect_timeout: int = CONNECT_TIMEOUT_SECONDS) -> str:
