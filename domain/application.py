@@ -25,7 +25,6 @@ from eventsourcing.persistence import IntegrityError, Recording
 from domain.arn import parse_role_arn
 from domain.errors import Conflict, InvalidInput, NotFound
 from domain.findings import Finding, validate_batch
-from domain.transcoding import OrjsonTranscoder
 from domain.model import (
     RUN_END_STATES,
     CloudAccount,
@@ -36,6 +35,7 @@ from domain.model import (
     ResultBatch,
     Team,
 )
+from domain.transcoding import OrjsonTranscoder
 
 A = TypeVar("A", bound=Aggregate)
 
