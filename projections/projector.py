@@ -20,7 +20,7 @@ import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -281,7 +281,7 @@ class Projector:
 
     # ---------------------------------------------------------------- rebuild
 
-    def rebuild(self, view: View) -> int:
+    def rebuild(self, view: View, progress: Callable[[int], None] | None = None) -> int:
         """Build a view afresh from the whole log beside the live one, then swap.
 
         Readers keep the old tables until the swap, which happens in one
@@ -301,6 +301,8 @@ class Projector:
                     count, position = self._apply_from(
                         cur, view, position, suffix, update_tracking=False
                     )
+                if progress is not None:
+                    progress(position)
             with self._lock, self.db.transaction(conn) as cur:
                 self._tracking(cur, view.name, lock=True)
                 count = -1

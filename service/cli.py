@@ -8,9 +8,13 @@ at 3 a.m., a traceback helps nobody.
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
+from uuid import UUID
 
 import click
 from rich.console import Console
@@ -18,9 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from domain.application import ResultsApp
+from domain.durations import parse_duration
 from domain.errors import DomainError
+from projections.purge import purge_older_than
+from projections.views import ALL_VIEWS
 from service.database import BadDatabaseUrl, DatabaseUnavailable, open_application
 from service.demo import demo_total_findings, run_demo
+from service.runtime import Runtime
 from service.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -141,6 +149,173 @@ def teams_create(name: str, as_json: bool) -> None:
         click.echo(json.dumps(record))
     else:
         click.echo(f"team {record['id']} {team.name!r} external_id={team.external_id}")
+
+
+def _runtime() -> Runtime:
+    return Runtime.open(_settings())
+
+
+# ------------------------------------------------------------------ projections
+
+
+@cli.group()
+def projections() -> None:
+    """Display views: run the projector, see where each view stands, rebuild them."""
+
+
+@projections.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def projections_status(as_json: bool) -> None:
+    """Show, per view: position, head of the log, lag, state and last error."""
+    with _runtime() as runtime:
+        statuses = runtime.projector.status()
+    if as_json:
+        rows = [{**status.__dict__, "lag": status.lag} for status in statuses]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="display views")
+    for column in ("view", "position", "head", "lag", "state", "last error"):
+        table.add_column(column)
+    for status in statuses:
+        table.add_row(
+            status.view,
+            str(status.position),
+            str(status.head),
+            str(status.lag),
+            status.state,
+            status.last_error or "",
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@projections.command("run")
+@click.option("--once", is_flag=True, help="Catch up with the log, then exit.")
+def projections_run(once: bool) -> None:
+    """Run the projector alone (``serve`` runs one too), until SIGTERM or Ctrl-C."""
+    with _runtime() as runtime:
+        if once:
+            count = runtime.projector.catch_up()
+            click.echo(f"projected {count} notifications")
+            _exit_if_failed(runtime)
+            return
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        runtime.projector.run(stop)
+
+
+@projections.command("rebuild")
+@click.option(
+    "--view",
+    "names",
+    multiple=True,
+    type=click.Choice([view.name for view in ALL_VIEWS]),
+    help="Rebuild only this view (repeatable); default: all.",
+)
+def projections_rebuild(names: tuple[str, ...]) -> None:
+    """Build fresh view tables from the whole log and swap them in atomically.
+
+    The old tables stay readable until the swap. Also clears a failed state.
+    """
+    with _runtime() as runtime:
+        for view in runtime.projector.views:
+            if names and view.name not in names:
+                continue
+            head = runtime.app.head_position()
+            with _progress(f"rebuilding {view.name}", head) as advance:
+                position = runtime.projector.rebuild(view, progress=advance)
+            click.echo(f"{view.name}: rebuilt up to position {position}")
+
+
+@projections.command("retry")
+def projections_retry() -> None:
+    """Put failed views back to running: they retry the event that stopped them."""
+    with _runtime() as runtime:
+        names = runtime.projector.restart_failed()
+        runtime.projector.catch_up()
+        click.echo(f"retried: {', '.join(names) if names else 'no failed view'}")
+        _exit_if_failed(runtime)
+
+
+def _exit_if_failed(runtime: Runtime) -> None:
+    failed = [s for s in runtime.projector.status() if s.state == "failed"]
+    if failed:
+        first = failed[0]
+        raise click.ClickException(f"view {first.view} stopped: {first.last_error}")
+
+
+# ---------------------------------------------------------------------- display
+
+
+@cli.group()
+def display() -> None:
+    """Display data (what the web UI shows): purge it. Backups are never touched."""
+
+
+@display.command("purge")
+@click.option("--older-than", "older_than", help="Runs started longer ago than this (e.g. 30d).")
+@click.option("--plan", "plan_id", help="Every run of this plan.")
+@click.option("--team", "team_id", help="Every run of this team (or, with --older-than, scope).")
+@click.option("--reason", default="operator request", show_default=True, help="Why; recorded.")
+@click.option("--actor", default="cli", show_default=True, help="Who; recorded.")
+def display_purge(
+    older_than: str | None, plan_id: str | None, team_id: str | None, reason: str, actor: str
+) -> None:
+    """Purge results from display: --older-than 30d, --plan ID or --team ID.
+
+    The purge is recorded as an event, so a rebuild or a restore never shows
+    the purged results again. Backups keep what they hold.
+    """
+    chosen = [name for name, value in (("--older-than", older_than), ("--plan", plan_id)) if value]
+    if len(chosen) > 1 or (not chosen and team_id is None):
+        raise click.UsageError("give exactly one of --older-than, --plan or --team")
+    with _runtime() as runtime:
+        if older_than is not None:
+            age = parse_duration(older_than, "--older-than")
+            team = str(_uuid(team_id, "--team")) if team_id else None
+            positions = purge_older_than(
+                runtime.app, runtime.queries, age, actor=actor, reason=reason, team=team
+            )
+        elif plan_id is not None:
+            plan = _uuid(plan_id, "--plan")
+            owner = runtime.queries.plan_owner(str(plan))
+            appended = runtime.app.purge_display(
+                UUID(owner), plan_id=plan, actor=actor, reason=reason
+            )
+            positions = [appended.position]
+        else:
+            team_uuid = _uuid(team_id, "--team")
+            appended = runtime.app.purge_display(team_uuid, actor=actor, reason=reason)
+            positions = [appended.position]
+        runtime.projector.catch_up()
+        _exit_if_failed(runtime)
+    if not positions:
+        click.echo("nothing to purge")
+    else:
+        click.echo(f"purged: {len(positions)} purge event(s), last at position {positions[-1]}")
+
+
+def _uuid(value: str | None, option: str) -> UUID:
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an id", param_hint=option) from None
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr), nothing otherwise."""
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda position: progress.update(task, completed=position)
 
 
 def main() -> None:
