@@ -78,21 +78,20 @@ def demo(as_json: bool) -> None:
     plans with four runs and a few thousand realistic findings.
     """
     settings = _settings()
-    app = open_application(settings.database_url)
     console = Console(stderr=True)
-    try:
-        with Progress(
+    with (
+        Runtime.open(settings) as runtime,
+        Progress(
             TextColumn("recording findings"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=console,
             disable=as_json or not console.is_terminal,
-        ) as progress:
-            task = progress.add_task("findings", total=demo_total_findings())
-            report = run_demo(app, lambda n: progress.advance(task, n))
-    finally:
-        app.close()
+        ) as progress,
+    ):
+        task = progress.add_task("findings", total=demo_total_findings())
+        report = run_demo(runtime, lambda n: progress.advance(task, n))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -102,7 +101,7 @@ def demo(as_json: bool) -> None:
     out.print(f"account   {report.role_arn}  id={report.account_id}")
     for note in report.notes:
         out.print(f"note      {note}")
-    table = Table(title="plan runs recorded")
+    table = Table(title="plan runs, as the display views show them")
     for column in ("plan", "run", "status", "findings", "critical", "high", "FAIL", "PASS"):
         table.add_column(column)
     for run in report.runs:

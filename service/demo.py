@@ -6,12 +6,11 @@ everything it does goes through the same application commands the API uses.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.application import ResultsApp
+from service.runtime import Runtime
 from service.samples import batches
 
 DEMO_ROLE_ARN = "arn:aws:iam::123456789012:role/resultsvc/ResultsvcAudit"
@@ -70,8 +69,14 @@ def demo_total_findings() -> int:
     return sum(count for _, runs in DEMO_PLANS for count, _ in runs)
 
 
-def run_demo(app: ResultsApp, progress: Progress | None = None) -> DemoReport:
-    """Record a team, an unverified role link, two plans and four runs with findings."""
+def run_demo(runtime: Runtime, progress: Progress | None = None) -> DemoReport:
+    """Record a team, an unverified role link, two plans and four runs with findings.
+
+    The figures reported per run are read back from the display views after
+    the projector caught up, so the demo shows the whole path: command, event,
+    projection, query.
+    """
+    app = runtime.app
     report = DemoReport()
     team, _ = app.create_team("Acme Security (demo)")
     report.team_id, report.team_name = str(team.id), team.name
@@ -79,27 +84,31 @@ def run_demo(app: ResultsApp, progress: Progress | None = None) -> DemoReport:
     report.account_id, report.role_arn = str(account.id), account.role_arn
     report.notes.append(
         "role link recorded unverified: the demo does not call AWS "
-        "(set RESULTSVC_AWS_PRINCIPAL_ARN and use `resultsvc accounts link-role` for real links)"
+        "(with RESULTSVC_AWS_PRINCIPAL_ARN set, role links are verified by AssumeRole)"
     )
     seed = 1
+    recorded: list[tuple[str, str]] = []
     for plan_name, runs in DEMO_PLANS:
         plan, _ = app.create_plan(team.id, account.id, plan_name)
         report.plans[plan_name] = str(plan.id)
         for count, outcome in runs:
             run, _ = app.start_run(team.id, plan.id)
-            severity: Counter[str] = Counter()
-            status: Counter[str] = Counter()
             for batch in batches(count, BATCH_SIZE, aws_account_id="123456789012", seed=seed):
                 app.record_results(team.id, run.id, batch)
-                severity.update(f["severity"] for f in batch)
-                status.update(f["status"] for f in batch)
                 if progress is not None:
                     progress(len(batch))
             error = "scanner lost access to eu-central-1 mid-run" if outcome == "failed" else None
             app.complete_run(team.id, run.id, outcome, error)
             seed += 1
-            report.runs.append(
-                DemoRun(plan_name, str(run.id), outcome, count, dict(severity), dict(status))
-            )
+            recorded.append((plan_name, str(run.id)))
     report.events = app.head_position()
+    runtime.projector.catch_up()
+    runtime.queries.wait_for(report.events)
+    for plan_name, run_id in recorded:
+        view = runtime.queries.get_run(str(team.id), run_id)
+        by_severity = {k: v for k, v in view["counts"]["by_severity"].items() if v}
+        by_status = {k: v for k, v in view["counts"]["by_status"].items() if v}
+        report.runs.append(
+            DemoRun(plan_name, run_id, view["status"], view["total"], by_severity, by_status)
+        )
     return report
