@@ -262,7 +262,7 @@ class Projector:
 
     def status(self) -> list[ViewStatus]:
         head = self.app.head_position()
-        with self._lock, self.db.transaction(self.connection(), write=False) as cur:
+        with self.db.reading() as cur:  # not the projector's own connection: never waits for it
             rows = cur.fetchall(
                 "SELECT view, position, state, last_error, error_position"
                 " FROM projection_tracking ORDER BY view"

@@ -70,18 +70,29 @@ class ViewDatabase:
     def reading(self) -> Iterator[Cursor]:
         """A short read transaction on a pooled connection (PostgreSQL) or a fresh one (SQLite).
 
-        Reads happen on many threads at once; connecting to PostgreSQL costs
-        milliseconds, so readers share a small pool.
+        Requests run on many threads at once; connecting to PostgreSQL costs
+        milliseconds, so they share a small pool.
         """
+        with self._session(write=False) as cur:
+            yield cur
+
+    @contextmanager
+    def writing(self) -> Iterator[Cursor]:
+        """A short write transaction, pooled like ``reading``."""
+        with self._session(write=True) as cur:
+            yield cur
+
+    @contextmanager
+    def _session(self, *, write: bool) -> Iterator[Cursor]:
         if self.dialect == "sqlite":
             conn = self.connect()
             try:
-                with self.transaction(conn, write=False) as cur:
+                with self.transaction(conn, write=write) as cur:
                     yield cur
             finally:
                 conn.close()
             return
-        with self.pool().connection() as conn, self.transaction(conn, write=False) as cur:
+        with self.pool().connection() as conn, self.transaction(conn, write=write) as cur:
             yield cur
 
     def pool(self) -> ConnectionPool[Any]:

@@ -8,6 +8,7 @@ at 3 a.m., a traceback helps nobody.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -29,7 +30,9 @@ from projections.views import ALL_VIEWS
 from service.database import BadDatabaseUrl, DatabaseUnavailable, open_application
 from service.demo import demo_total_findings, run_demo
 from service.runtime import Runtime
+from service.server import serve as run_server
 from service.settings import Settings
+from service.tokens import parse_scopes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,6 +151,47 @@ def teams_create(name: str, as_json: bool) -> None:
         click.echo(json.dumps(record))
     else:
         click.echo(f"team {record['id']} {team.name!r} external_id={team.external_id}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--no-projector",
+    is_flag=True,
+    help="Serve the API alone (run `resultsvc projections run` elsewhere).",
+)
+def serve(host: str, port: int, no_projector: bool) -> None:
+    """Run the HTTP API (OpenAPI at /openapi.json) with the projector, until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    run_server(_settings(), host, port, projector=not no_projector)
+
+
+# ------------------------------------------------------------------------ tokens
+
+
+@cli.group()
+def tokens() -> None:
+    """API tokens: printed once at creation; only a hash is stored."""
+
+
+@tokens.command("create")
+@click.option("--team", "team_id", help="The team the token acts for (not with ops).")
+@click.option(
+    "--scope",
+    "scope",
+    required=True,
+    help="Comma-separated: ingest, read, compliance; or ops alone (no team).",
+)
+def tokens_create(team_id: str | None, scope: str) -> None:
+    """Create a token and print it once. Keep it secret: it cannot be shown again."""
+    with _runtime() as runtime:
+        team = str(_uuid(team_id, "--team")) if team_id else None
+        scopes = parse_scopes(scope, team)
+        if team is not None:
+            runtime.queries.get_team(None, team)  # refuses unknown teams
+        token = runtime.tokens.create(team, scopes)
+    click.echo(token)
 
 
 def _runtime() -> Runtime:

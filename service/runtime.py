@@ -13,7 +13,9 @@ from projections.projector import Projector
 from projections.queries import DisplayQueries
 from projections.sqlstore import ViewDatabase
 from service.database import open_application, view_database
+from service.idempotency import IdempotencyStore
 from service.settings import Settings
+from service.tokens import TokenStore
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Runtime:
     views: ViewDatabase
     projector: Projector
     queries: DisplayQueries
+    tokens: TokenStore
+    idempotency: IdempotencyStore
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -32,10 +36,14 @@ class Runtime:
             views = view_database(settings.database_url)
             projector = Projector(app, views)
             projector.ensure_schema()
+            tokens = TokenStore(views)
+            tokens.ensure_schema()
+            idempotency = IdempotencyStore(views)
+            idempotency.ensure_schema()
         except BaseException:
             app.close()
             raise
-        return cls(settings, app, views, projector, DisplayQueries(views))
+        return cls(settings, app, views, projector, DisplayQueries(views), tokens, idempotency)
 
     def close(self) -> None:
         self.projector.close()

@@ -1,0 +1,625 @@
+"""The HTTP API (FastAPI): ingest for internal services, display reads for the web UI.
+
+Conventions, the same on every route:
+
+- ``Authorization: Bearer <token>``; a token carries scopes and, except ops
+  tokens, one team. Another team's resource answers 404 exactly like an
+  unknown one. Missing or bad token: 401; wrong scope: 403.
+- Errors are RFC 9457 ``application/problem+json`` with the offending fields.
+- Every appending POST accepts ``Idempotency-Key`` and answers the log
+  ``position`` it reached; every GET accepts ``after=<position>`` and waits
+  (a few seconds at most) for the views to reach it, else 503 + Retry-After.
+- Lists answer ``{"items": [...], "next_cursor": ...}`` and take ``cursor`` + ``limit``.
+
+The domain does the work; this module maps HTTP onto it and back.
+"""
+
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
+from uuid import UUID
+
+import orjson
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from domain import findings as rules
+from domain.durations import parse_duration
+from domain.errors import Conflict, DomainError, InvalidInput, NotFound
+from projections.purge import purge_older_than
+from projections.queries import DEFAULT_LIMIT, MAX_LIMIT, ViewsBehind
+from service import schemas
+from service.body_limit import BodyLimit
+from service.idempotency import request_digest
+from service.metrics import Metrics
+from service.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemModel, problem_responses
+from service.runtime import Runtime
+from service.tokens import Principal
+
+log = logging.getLogger("resultsvc.api")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+WAIT_SECONDS = 5.0
+READY_MAX_LAG = 10_000
+
+bearer = HTTPBearer(auto_error=False, description="An API token: rsvc_<id>_<secret>")
+Cursor = Annotated[str | None, Query(max_length=512, description="From next_cursor")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page")]
+After = Annotated[
+    int | None,
+    Query(ge=0, le=2**62, description="Wait until the views have processed this log position"),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Same key and body: the first answer again, nothing appended",
+    ),
+]
+
+READ = ("read", "ops")
+INGEST = ("ingest",)
+COMPLIANCE = ("compliance",)
+
+
+class ResultsBatchBody(BaseModel):
+    """Parsed loosely here; every finding is checked by ``domain.findings``."""
+
+    model_config = {"extra": "forbid"}
+    results: list[dict[str, Any]] = Field(min_length=1, max_length=rules.MAX_BATCH)
+
+
+def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = None) -> FastAPI:
+    """Build the API on an open runtime; ``projector_thread`` is this process's projector."""
+    app = FastAPI(
+        title="resultsvc",
+        version="1.0",
+        description=(__doc__ or "").split("\n\n", 1)[1],
+        responses=problem_responses(401, 403, 422),
+    )
+    metrics = Metrics(runtime)
+    app.state.metrics = metrics
+    queries, domain_app = runtime.queries, runtime.app
+
+    # ------------------------------------------------------------ plumbing
+
+    def principal_for(*scopes: str) -> Callable[..., Principal]:
+        def dependency(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        ) -> Principal:
+            if credentials is None:
+                raise Problem(
+                    401,
+                    "Unauthorized",
+                    "missing bearer token",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            found = runtime.tokens.authenticate(credentials.credentials)
+            if found is None:
+                raise Problem(
+                    401,
+                    "Unauthorized",
+                    "invalid or revoked token",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not found.scopes & set(scopes):
+                raise Problem(
+                    403, "Forbidden", f"this needs a token with scope {' or '.join(scopes)}"
+                )
+            return found
+
+        return dependency
+
+    def team_of(principal: Principal, team: UUID | str) -> str:
+        """The team a request acts for; another team's id is an unknown id."""
+        if principal.team_id is not None and principal.team_id != str(team):
+            raise NotFound("team", team)
+        return str(team)
+
+    def acting_team(principal: Principal) -> UUID:
+        assert principal.team_id is not None  # ingest and compliance tokens carry a team
+        return UUID(principal.team_id)
+
+    async def wait(after: int | None) -> None:
+        if after:
+            if projector_thread is not None:
+                runtime.projector.wake()
+            await run_in_threadpool(queries.wait_for, after, WAIT_SECONDS)
+
+    async def appending(
+        request: Request,
+        principal: Principal,
+        key: str | None,
+        status: int,
+        command: Callable[[], dict[str, Any]],
+    ) -> Response:
+        """Run an appending command once per Idempotency-Key; answer JSON with its position."""
+        scope = principal.team_id or "ops"
+        if key is not None:
+            digest = request_digest(request.method, request.url.path, await request.body())
+            replay = await run_in_threadpool(runtime.idempotency.begin, scope, key, digest)
+            if replay is not None:
+                media = PROBLEM_MEDIA_TYPE if replay.status >= 400 else "application/json"
+                return Response(replay.body, replay.status, media_type=media)
+        try:
+            payload = await run_in_threadpool(command)
+            response: Response = Response(
+                orjson.dumps(jsonable_encoder(payload)), status, media_type="application/json"
+            )
+            metrics.appended(request.scope.get("route"))
+        except Exception as error:  # answered as a problem, and remembered with the key
+            response = problem_for(error).response()
+        if key is not None:
+            await run_in_threadpool(
+                runtime.idempotency.finish, scope, key, response.status_code, bytes(response.body)
+            )
+        if projector_thread is not None and response.status_code < 400:
+            runtime.projector.wake()
+        return response
+
+    # ---------------------------------------------------------- error pages
+
+    @app.exception_handler(Problem)
+    async def on_problem(_: Request, problem: Problem) -> Response:
+        return problem.response()
+
+    @app.exception_handler(DomainError)
+    async def on_domain_error(_: Request, error: DomainError) -> Response:
+        return problem_for(error).response()
+
+    @app.exception_handler(ViewsBehind)
+    async def on_views_behind(_: Request, error: ViewsBehind) -> Response:
+        return problem_for(error).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, error: RequestValidationError) -> Response:
+        errors = [
+            {"field": _field_path(item.get("loc", ())), "rule": str(item.get("msg", "invalid"))}
+            for item in error.errors()
+        ]
+        if any(item.get("type") == "json_invalid" for item in error.errors()):
+            return Problem(
+                400, "Malformed JSON", "the body is not valid JSON", errors=errors
+            ).response()
+        first = errors[0] if errors else {"field": "body", "rule": "invalid"}
+        return Problem(
+            422, "Invalid input", f"{first['field']}: {first['rule']}", errors=errors
+        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
+        titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}
+        return Problem(
+            error.status_code,
+            titles.get(error.status_code, "Error"),
+            str(error.detail),
+            headers=dict(error.headers or {}),
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_for(error).response()
+
+    # ------------------------------------------------------------- routes
+
+    created = problem_responses(400, 404, 409, 413)
+    read = problem_responses(400, 404, 503)
+
+    @app.post("/v1/teams", status_code=201, response_model=schemas.TeamCreated, responses=created)
+    async def create_team(
+        request: Request,
+        body: schemas.TeamCreate,
+        principal: Annotated[Principal, Depends(principal_for("ops"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Create a team (ops). Its External ID goes into customers' role trust policies."""
+
+        def command() -> dict[str, Any]:
+            team, position = domain_app.create_team(body.name)
+            return {
+                "id": team.id,
+                "name": team.name,
+                "external_id": team.external_id,
+                "position": position,
+            }
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    @app.get("/v1/teams/{team}", response_model=schemas.TeamOut, responses=read)
+    async def get_team(
+        team: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        return await run_in_threadpool(queries.get_team, principal.team_id, str(team))
+
+    @app.get(
+        "/v1/teams/{team}/accounts",
+        response_model=schemas.Page[schemas.AccountOut],
+        responses=read,
+    )
+    async def list_accounts(
+        team: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        page = await run_in_threadpool(
+            queries.list_accounts, principal.team_id, str(team), cursor, limit
+        )
+        return page.__dict__
+
+    @app.delete("/v1/accounts/{account}", response_model=schemas.AccountUnlinked, responses=created)
+    async def unlink_account(
+        request: Request,
+        account: UUID,
+        principal: Annotated[Principal, Depends(principal_for("ingest", "ops"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Unlink an account: recorded; later runs against it are refused."""
+
+        def command() -> dict[str, Any]:
+            owner = principal.team_id or queries.get_account(None, str(account))["team_id"]
+            done = domain_app.unlink_account(UUID(owner), account, actor=principal.actor)
+            return {"id": account, "position": done.position}
+
+        return await appending(request, principal, idempotency_key, 200, command)
+
+    @app.post("/v1/plans", status_code=201, response_model=schemas.PlanCreated, responses=created)
+    async def create_plan(
+        request: Request,
+        body: schemas.PlanCreate,
+        principal: Annotated[Principal, Depends(principal_for(*INGEST))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        def command() -> dict[str, Any]:
+            team = UUID(team_of(principal, body.team_id))
+            plan, position = domain_app.create_plan(team, body.account_id, body.name)
+            return {
+                "id": plan.id,
+                "team_id": plan.team_id,
+                "account_id": plan.account_id,
+                "name": plan.name,
+                "position": position,
+            }
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    @app.get("/v1/teams/{team}/plans", response_model=schemas.Page[schemas.PlanOut], responses=read)
+    async def list_plans(
+        team: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        page = await run_in_threadpool(
+            queries.list_plans, principal.team_id, str(team), cursor, limit
+        )
+        return page.__dict__
+
+    @app.get("/v1/plans/{plan}", response_model=schemas.PlanOut, responses=read)
+    async def get_plan(
+        plan: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        return await run_in_threadpool(queries.get_plan, principal.team_id, str(plan))
+
+    @app.post(
+        "/v1/plans/{plan}/runs",
+        status_code=201,
+        response_model=schemas.RunStarted,
+        responses=created,
+    )
+    async def start_run(
+        request: Request,
+        plan: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*INGEST))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Start a run of a plan; refused (409) when its account has been unlinked."""
+
+        def command() -> dict[str, Any]:
+            run, position = domain_app.start_run(acting_team(principal), plan)
+            return {"id": run.id, "plan_id": plan, "status": run.status, "position": position}
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    @app.get("/v1/plans/{plan}/runs", response_model=schemas.Page[schemas.RunOut], responses=read)
+    async def list_runs(
+        plan: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        """A plan's runs, newest first."""
+        await wait(after)
+        page = await run_in_threadpool(
+            queries.list_runs, principal.team_id, str(plan), cursor, limit
+        )
+        return page.__dict__
+
+    @app.post(
+        "/v1/runs/{run}/results",
+        status_code=201,
+        response_model=schemas.ResultsAccepted,
+        responses=created,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ResultsBatch"}}
+                },
+            }
+        },
+    )
+    async def record_results(
+        request: Request,
+        run: UUID,
+        body: ResultsBatchBody,
+        principal: Annotated[Principal, Depends(principal_for(*INGEST))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Append a batch of 1 to 1,000 results, whole or not at all."""
+
+        def command() -> dict[str, Any]:
+            accepted = domain_app.record_results(acting_team(principal), run, body.results)
+            return {
+                "accepted": accepted.accepted,
+                "batch": accepted.batch_no,
+                "position": accepted.position,
+            }
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    @app.post("/v1/runs/{run}/complete", response_model=schemas.RunEnded, responses=created)
+    async def complete_run(
+        request: Request,
+        run: UUID,
+        body: schemas.RunComplete,
+        principal: Annotated[Principal, Depends(principal_for(*INGEST))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """End a run as succeeded or failed; afterwards it refuses results (409)."""
+
+        def command() -> dict[str, Any]:
+            done = domain_app.complete_run(acting_team(principal), run, body.status, body.error)
+            return {"id": run, "status": body.status, "position": done.position}
+
+        return await appending(request, principal, idempotency_key, 200, command)
+
+    @app.get("/v1/runs/{run}", response_model=schemas.RunOut, responses=read)
+    async def get_run(
+        run: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        return await run_in_threadpool(queries.get_run, principal.team_id, str(run))
+
+    @app.get(
+        "/v1/runs/{run}/results",
+        response_model=schemas.Page[schemas.ResultOut],
+        response_model_exclude_none=True,
+        responses=read,
+    )
+    async def list_results(
+        run: UUID,
+        principal: Annotated[Principal, Depends(principal_for(*READ))],
+        severity: Annotated[
+            schemas.Severity | None, Query(description="Only this severity")
+        ] = None,
+        status: Annotated[schemas.Status | None, Query(description="Only this status")] = None,
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        """A run's results in the order they were recorded."""
+        await wait(after)
+        page = await run_in_threadpool(
+            lambda: queries.list_results(
+                principal.team_id,
+                str(run),
+                severity=severity,
+                status=status,
+                cursor=cursor,
+                limit=limit,
+            )
+        )
+        return page.__dict__
+
+    @app.post(
+        "/v1/plans/{plan}/backup-exclusion",
+        status_code=201,
+        response_model=schemas.ExclusionAccepted,
+        responses=created,
+    )
+    async def request_exclusion(
+        request: Request,
+        plan: UUID,
+        body: schemas.ExclusionCreate,
+        principal: Annotated[Principal, Depends(principal_for(*COMPLIANCE))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Ask that a plan's results be kept out of backups (compliance)."""
+
+        def command() -> dict[str, Any]:
+            done = domain_app.request_backup_exclusion(
+                acting_team(principal),
+                plan,
+                reason=body.reason,
+                ticket=body.ticket,
+                actor=principal.actor,
+            )
+            return {"plan_id": plan, "position": done.position}
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    @app.get(
+        "/v1/backup-exclusions",
+        response_model=schemas.Page[schemas.ExclusionOut],
+        responses=read,
+    )
+    async def list_exclusions(
+        principal: Annotated[Principal, Depends(principal_for("compliance", "ops"))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        await wait(after)
+        page = await run_in_threadpool(queries.list_exclusions, principal.team_id, cursor, limit)
+        return page.__dict__
+
+    @app.post(
+        "/v1/display-purges",
+        status_code=201,
+        response_model=schemas.PurgeAccepted,
+        responses=created,
+    )
+    async def purge_display(
+        request: Request,
+        body: schemas.DisplayPurgeCreate,
+        principal: Annotated[Principal, Depends(principal_for("ops", "compliance"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Purge results from display (never from backups): a plan, a team, or older runs."""
+
+        def command() -> dict[str, Any]:
+            given = [name for name in ("plan_id", "older_than") if getattr(body, name) is not None]
+            if len(given) > 1 or (body.plan_id and body.team_id) or not (given or body.team_id):
+                raise InvalidInput(
+                    "body", "give exactly one of plan_id, team_id or older_than (+ team_id)"
+                )
+            if body.older_than is not None:
+                age = parse_duration(body.older_than, "older_than")
+                scope = team_of(principal, body.team_id) if body.team_id else principal.team_id
+                positions = purge_older_than(
+                    domain_app,
+                    queries,
+                    age,
+                    actor=principal.actor,
+                    reason=body.reason,
+                    team=scope,
+                )
+            elif body.plan_id is not None:
+                owner = queries.get_plan(principal.team_id, str(body.plan_id))["team_id"]
+                positions = [
+                    domain_app.purge_display(
+                        UUID(owner), plan_id=body.plan_id, actor=principal.actor, reason=body.reason
+                    ).position
+                ]
+            else:
+                assert body.team_id is not None
+                team = UUID(team_of(principal, body.team_id))
+                positions = [
+                    domain_app.purge_display(
+                        team, actor=principal.actor, reason=body.reason
+                    ).position
+                ]
+            position = positions[-1] if positions else domain_app.head_position()
+            return {"purges": len(positions), "position": position}
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
+    # -------------------------------------------------------- operations
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses=problem_responses(503))
+    async def readyz() -> Response:
+        """Database reachable, projector running, views not too far behind."""
+        try:
+            statuses = await run_in_threadpool(runtime.projector.status)
+        except Exception as error:
+            return Problem(
+                503, "Not ready", f"database unreachable: {type(error).__name__}"
+            ).response()
+        reasons = [f"view {s.view} failed" for s in statuses if s.state == "failed"]
+        reasons += [f"view {s.view} lags by {s.lag}" for s in statuses if s.lag > READY_MAX_LAG]
+        if projector_thread is not None and not projector_thread.is_alive():
+            reasons.append("projector thread stopped")
+        if reasons:
+            return Problem(503, "Not ready", "; ".join(reasons)).response()
+        return JSONResponse({"status": "ready", "lag": {s.view: s.lag for s in statuses}})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_page() -> Response:
+        """Prometheus metrics."""
+        body, content_type = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=content_type)
+
+    # ----------------------------------------------------- the document
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        batch = schemas.ResultsBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(batch.pop("$defs", {}))
+        components["ResultsBatch"] = batch
+        components.setdefault("ProblemModel", ProblemModel.model_json_schema())
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    metrics.install(app)
+    return app
+
+
+def problem_for(error: Exception) -> Problem:
+    """The problem answer for an error raised by the domain or the views."""
+    if isinstance(error, Problem):
+        return error
+    if isinstance(error, NotFound):
+        return Problem(404, "Not found", str(error))
+    if isinstance(error, InvalidInput):
+        return Problem(
+            422,
+            "Invalid input",
+            str(error),
+            errors=[{"field": error.field, "rule": error.rule}],
+        )
+    if isinstance(error, Conflict):
+        return Problem(409, "Conflict", str(error))
+    if isinstance(error, ViewsBehind):
+        return Problem(503, "Views behind", str(error), headers={"Retry-After": "1"})
+    if isinstance(error, DomainError):
+        return Problem(400, "Bad request", str(error))
+    log.error("unexpected %s", type(error).__name__, exc_info=error)
+    return Problem(500, "Internal error", "the service failed; retry with the same Idempotency-Key")
+
+
+def _field_path(loc: Any) -> str:
+    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    return path or "body"

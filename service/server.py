@@ -1,0 +1,41 @@
+"""``resultsvc serve``: the HTTP API with the projector in one process (the embedded default).
+
+With ``projector=False`` the process serves the API alone, for several API
+replicas in front of one projector (``resultsvc projections run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from service.api import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("resultsvc.server")
+
+
+def serve(settings: Settings, host: str, port: int, *, projector: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT; the projector thread stops with the server."""
+    runtime = Runtime.open(settings)
+    stop = threading.Event()
+    thread = None
+    if projector:
+        thread = threading.Thread(
+            target=runtime.projector.run, args=(stop,), name="projector", daemon=True
+        )
+        thread.start()
+    try:
+        app = create_app(runtime, projector_thread=thread)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", access_log=False, lifespan="off"
+        )
+        uvicorn.Server(config).run()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=30)
+        runtime.close()
