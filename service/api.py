@@ -418,7 +418,6 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
     @app.get(
         "/v1/runs/{run}/results",
         response_model=schemas.Page[schemas.ResultOut],
-        response_model_exclude_none=True,
         responses=read,
     )
     async def list_results(

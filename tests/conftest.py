@@ -149,3 +149,40 @@ def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
     return moto_endpoint
+
+
+# ------------------------------------------------------------------ the HTTP API
+
+
+@pytest.fixture
+def runtime(database_url: str) -> Iterator[Any]:
+    """The composition root on the parametrised store (SQLite and PostgreSQL)."""
+    from service.runtime import Runtime
+    from service.settings import Settings
+
+    opened = Runtime.open(Settings.from_env({"RESULTSVC_DATABASE_URL": database_url}))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def api(runtime: Any) -> Iterator[Any]:
+    """An in-process client of the API; views are projected synchronously on every GET.
+
+    No projector thread runs: ``after=`` waits are satisfied by a catch-up the
+    client runs before each GET, which keeps the tests deterministic.
+    """
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+
+    class CatchingUpClient(TestClient):
+        def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            if method.upper() == "GET":
+                runtime.projector.catch_up()
+            return super().request(method, url, *args, **kwargs)
+
+    with CatchingUpClient(create_app(runtime), raise_server_exceptions=False) as client:
+        yield client
