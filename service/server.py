@@ -7,6 +7,7 @@ replicas in front of one projector (``resultsvc projections run``).
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -33,6 +34,11 @@ def serve(settings: Settings, host: str, port: int, *, projector: bool = True) -
         config = uvicorn.Config(
             app, host=host, port=port, log_level="info", access_log=False, lifespan="off"
         )
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, restores the handlers
+        # it found and raises the signal again. With these in place, that
+        # second raise is a no-op and the clean-up below runs (exit status 0).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
         uvicorn.Server(config).run()
     finally:
         stop.set()
