@@ -106,6 +106,7 @@ class ResultsApp(Application[UUID]):
         ``verified`` says whether the role was actually assumed; the AWS side
         lives in the service layer, the domain only records the outcome.
         """
+        actor = _text(actor, "actor", MAX_NAME)
         self.get_team(team_id)
         arn = parse_role_arn(role_arn)
         if method not in ("role", "access_keys"):
@@ -124,6 +125,7 @@ class ResultsApp(Application[UUID]):
         return self._get(CloudAccount, account_id, team_id, "account")
 
     def unlink_account(self, team_id: UUID, account_id: UUID, *, actor: str) -> Appended:
+        actor = _text(actor, "actor", MAX_NAME)
         account = self.get_account(team_id, account_id)
         account.unlink(unlinked_by=actor)
         return Appended(account.id, self._save(account))
@@ -146,6 +148,7 @@ class ResultsApp(Application[UUID]):
     ) -> Appended:
         """Record a compliance request to keep a plan's results out of backups."""
         reason = _text(reason, "reason", MAX_REASON)
+        actor = _text(actor, "actor", MAX_NAME)
         if ticket is not None:
             ticket = _text(ticket, "ticket", MAX_TICKET)
         plan = self.get_plan(team_id, plan_id)
@@ -235,6 +238,7 @@ class ResultsApp(Application[UUID]):
         own retention and exclusions govern them).
         """
         reason = _text(reason, "reason", MAX_REASON)
+        actor = _text(actor, "actor", MAX_NAME)
         self.get_team(team_id)
         if plan_id is not None:
             self.get_plan(team_id, plan_id)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from psycopg import sql as pgsql
 
 from domain.application import ResultsApp
 from projections.schema import TRACKING_DDL, create_tables, drop_tables, swap_tables
-from projections.sqlstore import Cursor, ViewDatabase
-from projections.views import ALL_VIEWS, EventNotProjectable, View
+from projections.sqlstore import TRANSIENT_ERRORS, Cursor, ViewDatabase
+from projections.views import ALL_VIEWS, PASS_THROUGH, EventNotProjectable, View
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,6 @@ PAGE_ROWS = 5000
 POLL_SECONDS = 0.1
 STATE_RUNNING = "running"
 STATE_FAILED = "failed"
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    sqlite3.OperationalError,
-)
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,15 @@ class Projector:
                 rows += len(getattr(event, "results", ()))
                 if rows >= self.page_rows:
                     break  # commit soon: a position is visible only once its page commits
-        view.apply(cur, page, suffix)
+        try:
+            view.apply(cur, page, suffix)
+        except PASS_THROUGH:
+            raise
+        except Exception as error:  # a view without its own wrapping: still loud, not a crash
+            first = page[0][0] if page else last
+            raise EventNotProjectable(
+                f"page at positions {first} to {last}: {type(error).__name__}: {error}"
+            ) from error
         if update_tracking:
             cur.execute(
                 "UPDATE projection_tracking SET position = ?, updated_at = ? WHERE view = ?",

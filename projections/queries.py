@@ -25,6 +25,7 @@ from projections.views import SEVERITY_COLUMNS, STATUS_COLUMNS
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+MAX_CURSOR_INT = 2**62
 _RUN_COLUMNS = (
     "run_id, plan_id, team_id, status, started_at, finished_at, error, total, "
     + ", ".join(SEVERITY_COLUMNS.values())
@@ -65,7 +66,22 @@ def decode_cursor(cursor: str, kind: str, types: Sequence[type]) -> list[Any]:
     for value, expected in zip(key, types, strict=True):
         if type(value) is not expected:
             raise refusal
+        if isinstance(value, int) and not 0 <= value <= MAX_CURSOR_INT:
+            raise refusal
+        if isinstance(value, str) and not _plain_text(value):
+            raise refusal
     return key
+
+
+def _plain_text(value: str) -> bool:
+    """Text a database accepts as a key: short, encodable, no NUL."""
+    if len(value) > 64 or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_limit(limit: int) -> int:

@@ -21,6 +21,13 @@ from psycopg_pool import ConnectionPool
 
 Row = tuple[Any, ...]
 
+# Errors that may pass (a dropped connection, a lock or statement timeout):
+# retried, never recorded as a view's failure.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    sqlite3.OperationalError,
+)
+
 
 class ViewDatabase:
     """Opens connections for the views and runs transactions on them.

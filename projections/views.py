@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from projections.schema import DISPLAY_TABLES, EXCLUSION_TABLES, Table
-from projections.sqlstore import Cursor, Row
+from projections.sqlstore import TRANSIENT_ERRORS, Cursor, Row
 
 SEQ_PER_BATCH = 1000  # at most 1,000 results per batch: (batch_no, index) -> seq
 SEVERITY_COLUMNS = {
@@ -56,8 +56,10 @@ Page = Sequence[tuple[int, str, Any]]
 
 
 def iso(moment: datetime) -> str:
-    """Timestamps as sortable text: always microseconds, always UTC, ``Z``."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Timestamps as sortable text: the same instant in UTC, always microseconds, ``Z``."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetimes have no instant; give a time zone")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class View(Protocol):
@@ -73,6 +75,11 @@ class View(Protocol):
 
 class EventNotProjectable(Exception):
     """An event the view cannot apply; stops the view with this as its recorded error."""
+
+
+# Errors a view lets through untouched: its own verdicts, and passing trouble
+# (a timeout, a lock, a lost connection) that the projector retries.
+PASS_THROUGH: tuple[type[BaseException], ...] = (EventNotProjectable, *TRANSIENT_ERRORS)
 
 
 class DisplayView:
@@ -107,8 +114,8 @@ class DisplayView:
                     self._purge(cur, event, s)
                 else:
                     self._other(cur, topic, event, s)
-            except EventNotProjectable:
-                raise
+            except PASS_THROUGH:
+                raise  # passing trouble (a timeout, a lock) is retried by the projector
             except Exception as error:
                 raise EventNotProjectable(
                     f"{topic} at position {position}: {type(error).__name__}: {error}"
@@ -241,7 +248,9 @@ class ExclusionsView:
 
     def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
         for position, topic, event in page:
-            if topic == "resultsvc/Plan/BackupExclusionRequested":
+            if topic != "resultsvc/Plan/BackupExclusionRequested":
+                continue
+            try:
                 cur.execute(
                     f"INSERT INTO view_exclusions{suffix} (plan_id, team_id, reason, ticket,"
                     " requested_by, requested_at, position) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -255,6 +264,12 @@ class ExclusionsView:
                         position,
                     ],
                 )
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as error:
+                raise EventNotProjectable(
+                    f"{topic} at position {position}: {type(error).__name__}: {error}"
+                ) from error
 
 
 ALL_VIEWS: tuple[View, ...] = (DisplayView(), ExclusionsView())
