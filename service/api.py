@@ -14,7 +14,6 @@ Conventions, the same on every route:
 The domain does the work; this module maps HTTP onto it and back.
 """
 
-
 import logging
 import threading
 from collections.abc import Callable

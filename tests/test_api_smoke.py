@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from service.samples import findings
 
@@ -17,7 +18,7 @@ def test_a_run_from_plan_to_results_page(api: Any, runtime: Any) -> None:
     assert created.status_code == 201, created.text
     team = created.json()
     account, _ = runtime.app.link_account_role(
-        __import__("uuid").UUID(team["id"]),
+        UUID(team["id"]),
         "arn:aws:iam::123456789012:role/a",
         verified=False,
         actor="t",
@@ -36,7 +37,9 @@ def test_a_run_from_plan_to_results_page(api: Any, runtime: Any) -> None:
     posted = api.post(f"/v1/runs/{run_id}/results", json={"results": batch}, headers=_auth(token))
     assert posted.status_code == 201, posted.text
     assert posted.json()["accepted"] == 250
-    done = api.post(f"/v1/runs/{run_id}/complete", json={"status": "succeeded"}, headers=_auth(token))
+    done = api.post(
+        f"/v1/runs/{run_id}/complete", json={"status": "succeeded"}, headers=_auth(token)
+    )
     assert done.status_code == 200, done.text
     position = done.json()["position"]
     view = api.get(f"/v1/runs/{run_id}?after={position}", headers=_auth(token))
