@@ -74,7 +74,9 @@ DISPLAY_TABLES: tuple[Table, ...] = (
         " severity TEXT{C} NOT NULL, status TEXT{C} NOT NULL, resource_arn TEXT NOT NULL,"
         " region TEXT NOT NULL, message TEXT NOT NULL, observed_at TEXT NOT NULL,"
         " details TEXT, PRIMARY KEY (run_id, seq)",
-        ("run_id, severity, seq", "run_id, status, seq", "team_id, plan_id"),
+        # Pages of one run, filtered by severity or status. Purges delete by
+        # run (the primary key's prefix), so no index on team or plan is needed.
+        ("run_id, severity, seq", "run_id, status, seq"),
     ),
 )
 

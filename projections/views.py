@@ -12,11 +12,12 @@ row means a purge removed it, on the live view and on any replay alike.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 from projections.schema import DISPLAY_TABLES, EXCLUSION_TABLES, Table
 from projections.sqlstore import TRANSIENT_ERRORS, Cursor, Row
@@ -143,7 +144,7 @@ class DisplayView:
             return []  # the run was purged from display while it was running
         team_id, plan_id = str(event.team_id), str(event.plan_id)
         base = event.batch_no * SEQ_PER_BATCH
-        dumps = json.dumps
+        dumps = orjson.dumps
         return [
             (
                 run_id,
@@ -158,7 +159,7 @@ class DisplayView:
                 r["region"],
                 r["message"],
                 r["observed_at"],
-                None if r.get("details") is None else dumps(r["details"], ensure_ascii=False),
+                None if r.get("details") is None else dumps(r["details"]).decode(),
             )
             for index, r in enumerate(results)
         ]
