@@ -27,12 +27,14 @@ from domain.errors import Conflict, InvalidInput, NotFound
 from domain.findings import Finding, validate_batch
 from domain.model import (
     RUN_END_STATES,
+    Backup,
     CloudAccount,
     DisplayPurge,
     ExternalIdClaim,
     Plan,
     PlanRun,
     ResultBatch,
+    RetentionSweep,
     Team,
 )
 from domain.transcoding import OrjsonTranscoder
@@ -220,6 +222,62 @@ class ResultsApp(Application[UUID]):
             batch_id = ResultBatch.create_id(run.id, batch_no)
             for stored in self.events.get(batch_id):
                 yield from getattr(stored, "results", [])
+
+    # ---------------------------------------------------------------- backups
+
+    def team_of_plan(self, plan_id: UUID) -> UUID:
+        """The team that owns a plan, for operators who name only the plan."""
+        return self._plan_any_team(plan_id).team_id
+
+    def _plan_any_team(self, plan_id: UUID) -> Plan:
+        try:
+            plan: Any = self.repository.get(plan_id)
+        except AggregateNotFoundError:
+            raise NotFound("plan", plan_id) from None
+        if not isinstance(plan, Plan):
+            raise NotFound("plan", plan_id)
+        return plan
+
+    def record_key_shredded(self, plan_id: UUID, *, actor: str, copies_destroyed: int) -> int:
+        """Record the crypto-shredding of an excluded plan's key (an operator action)."""
+        plan = self._plan_any_team(plan_id)
+        plan.record_key_shredded(shredded_by=actor, copies_destroyed=copies_destroyed)
+        return self._save(plan)
+
+    def record_backup(self, **details: Any) -> int:
+        """Record a completed backup (id, kind, positions, sizes, duration)."""
+        return self._save(Backup(**details))
+
+    def record_sweep(self, deleted: list[str], kept: int, *, actor: str) -> int:
+        """Record a retention sweep and mark each deleted backup."""
+        aggregates: list[Aggregate] = [RetentionSweep(deleted=deleted, kept=kept, swept_by=actor)]
+        for backup_id in deleted:
+            try:
+                backup: Any = self.repository.get(Backup.create_id(backup_id))
+            except AggregateNotFoundError:
+                continue  # a backup whose completion was never recorded (older data)
+            backup.delete(reason="retention expired")
+            aggregates.append(backup)
+        return self._save(*aggregates)
+
+    def excluded_plans(self) -> dict[UUID, int]:
+        """Every plan excluded from backups, with the position of its request.
+
+        Read from the log itself, not from a view that may lag: a backup must
+        never contain a plan excluded before it started.
+        """
+        found: dict[UUID, int] = {}
+        start = 0
+        topic = "resultsvc/Plan/BackupExclusionRequested"
+        while True:
+            page = self.recorder.select_notifications(
+                start=start, limit=1000, topics=[topic], inclusive_of_start=False
+            )
+            if not page:
+                return found
+            for notification in page:
+                found.setdefault(notification.originator_id, notification.id)  # type: ignore[arg-type]
+            start = page[-1].id
 
     # ---------------------------------------------------------- display purge
 

@@ -127,6 +127,7 @@ class Plan(Aggregate):
         self.account_id = account_id
         self.name = name
         self.backup_excluded = False
+        self.backup_key_shredded = False
 
     def request_backup_exclusion(self, reason: str, ticket: str | None, requested_by: str) -> None:
         """Record a compliance request to keep this plan's results out of backups."""
@@ -141,6 +142,18 @@ class Plan(Aggregate):
         self, team_id: UUID, reason: str, ticket: str | None, requested_by: str
     ) -> None:
         self.backup_excluded = True
+
+    def record_key_shredded(self, shredded_by: str, copies_destroyed: int) -> None:
+        """Record that the plan's backup key is gone everywhere (crypto-shredding done)."""
+        if not self.backup_excluded:
+            raise Conflict(f"plan {self.id} is not excluded from backups")
+        self._key_shredded(
+            team_id=self.team_id, shredded_by=shredded_by, copies_destroyed=copies_destroyed
+        )
+
+    @event("BackupKeyShredded", topic="resultsvc/Plan/BackupKeyShredded")
+    def _key_shredded(self, team_id: UUID, shredded_by: str, copies_destroyed: int) -> None:
+        self.backup_key_shredded = True
 
 
 class PlanRun(Aggregate):
@@ -264,3 +277,63 @@ class DisplayPurge(Aggregate):
         self.team_id = team_id
         self.plan_id = plan_id
         self.started_before = started_before
+
+
+_BACKUP_NAMESPACE = uuid5(NAMESPACE_URL, "resultsvc:backup")
+
+
+class Backup(Aggregate):
+    """A completed backup, as recorded in the log (the manifest in the store is the original)."""
+
+    TOPIC = "resultsvc/Backup"
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = "resultsvc/Backup/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/Backup/Created"
+
+    @staticmethod
+    def create_id(backup_id: str) -> UUID:
+        return uuid5(_BACKUP_NAMESPACE, backup_id)
+
+    @event("Completed", topic="resultsvc/Backup/Completed")
+    def __init__(
+        self,
+        backup_id: str,
+        kind: str,
+        parent: str | None,
+        first_position: int,
+        last_position: int,
+        events: int,
+        bytes_stored: int,
+        duration_seconds: float,
+        expires_at: str,
+        excluded_plans: list[str],
+    ) -> None:
+        self.backup_id = backup_id
+        self.kind = kind
+        self.expires_at = expires_at
+        self.deleted = False
+
+    def delete(self, reason: str) -> None:
+        """Record that the retention sweep removed this backup's objects."""
+        if not self.deleted:
+            self._deleted(reason=reason)
+
+    @event("Deleted", topic="resultsvc/Backup/Deleted")
+    def _deleted(self, reason: str) -> None:
+        self.deleted = True
+
+
+class RetentionSweep(Aggregate):
+    """One run of the retention sweeper: what expired and was deleted."""
+
+    TOPIC = "resultsvc/RetentionSweep"
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = "resultsvc/RetentionSweep/Snapshot"
+
+    @event("Created", topic="resultsvc/RetentionSweep/Created")
+    def __init__(self, deleted: list[str], kept: int, swept_by: str) -> None:
+        self.deleted = deleted

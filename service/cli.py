@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -27,9 +28,13 @@ from domain.durations import parse_duration
 from domain.errors import DomainError
 from projections.purge import purge_older_than
 from projections.views import ALL_VIEWS
+from retention.exclusions import exclude_plan
+from retention.sweeper import sweep
+from service.backups import Backups
 from service.database import BadDatabaseUrl, DatabaseUnavailable, open_application
 from service.demo import demo_total_findings, run_demo
 from service.runtime import Runtime
+from service.scheduler import JOBS, JobRunner, job_status, start_scheduler
 from service.server import serve as run_server
 from service.settings import Settings
 from service.tokens import parse_scopes
@@ -161,10 +166,45 @@ def teams_create(name: str, as_json: bool) -> None:
     is_flag=True,
     help="Serve the API alone (run `resultsvc projections run` elsewhere).",
 )
-def serve(host: str, port: int, no_projector: bool) -> None:
-    """Run the HTTP API (OpenAPI at /openapi.json) with the projector, until SIGTERM."""
+@click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
+def serve(host: str, port: int, no_projector: bool, no_scheduler: bool) -> None:
+    """Run the HTTP API (OpenAPI at /openapi.json) with the projector and the scheduler."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    run_server(_settings(), host, port, projector=not no_projector)
+    run_server(_settings(), host, port, projector=not no_projector, scheduler=not no_scheduler)
+
+
+@cli.command()
+@click.option(
+    "--run-now",
+    "run_now",
+    type=click.Choice([spec.name for spec in JOBS]),
+    help="Run this job once (for its current slot) and exit.",
+)
+def scheduler(run_now: str | None) -> None:
+    """Run the scheduled jobs alone, without the API (until SIGTERM).
+
+    Backups daily (full once the chain's full is a week old), retention sweep,
+    display retention, pending key shredding. Several replicas may run this:
+    each job runs once per slot.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    with _runtime() as runtime:
+        if run_now is not None:
+            spec = next(spec for spec in JOBS if spec.name == run_now)
+            outcome = JobRunner(runtime).run(spec)
+            click.echo(f"{run_now}: {outcome}")
+            if outcome == "failed":
+                error = next(j for j in job_status(runtime.views) if j["job"] == run_now)
+                raise click.ClickException(f"{run_now} failed: {error['last_error']}")
+            return
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        jobs = start_scheduler(runtime)
+        try:
+            stop.wait()
+        finally:
+            jobs.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------ tokens
@@ -192,6 +232,237 @@ def tokens_create(team_id: str | None, scope: str) -> None:
             runtime.queries.get_team(None, team)  # refuses unknown teams
         token = runtime.tokens.create(team, scopes)
     click.echo(token)
+
+
+# ----------------------------------------------------------------------- backups
+
+
+@cli.group()
+def backup() -> None:
+    """Encrypted backups of the event log: take, list, verify."""
+
+
+@backup.command("run")
+@click.option("--full", "full", flag_value=True, default=None, help="Force a full backup.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def backup_run(full: bool | None, as_json: bool) -> None:
+    """Take a backup: incremental after the last one, or full (weekly, or with --full).
+
+    The manifest is written last: a backup that fails half-way is never listed.
+    """
+    with _runtime() as runtime:
+        backups = Backups.open(runtime)
+        head = runtime.app.head_position()
+        with _progress("backing up", head) as advance:
+            result = backups.writer.run(full=full, progress=advance)
+    done = result.info
+    record = {
+        "id": done.id,
+        "kind": done.kind,
+        "parent": done.parent,
+        "first_position": done.first_position,
+        "last_position": done.last_position,
+        "events": done.events,
+        "skipped_excluded": result.skipped_excluded,
+        "bytes_stored": done.bytes_stored,
+        "expires_at": done.expires_at.isoformat(),
+        "duration_seconds": round(result.duration_seconds, 3),
+    }
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    click.echo(
+        f"backup {done.id} ({done.kind}): positions {done.first_position}..{done.last_position},"
+        f" {done.events} events, {result.skipped_excluded} of excluded plans left out,"
+        f" {done.bytes_stored} bytes, expires {done.expires_at:%Y-%m-%d}"
+    )
+
+
+@backup.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def backup_list(as_json: bool) -> None:
+    """List complete backups with their chain and expiry, and the scheduler's last runs."""
+    with _runtime() as runtime:
+        backups = Backups.open(runtime)
+        found = backups.catalog.all()
+        jobs = job_status(runtime.views)
+    rows: list[dict[str, Any]] = [
+        {
+            "id": b.id,
+            "kind": b.kind,
+            "parent": b.parent,
+            "positions": [b.first_position, b.last_position],
+            "events": b.events,
+            "bytes_stored": b.bytes_stored,
+            "created_at": b.created_at.isoformat(),
+            "expires_at": b.expires_at.isoformat(),
+            "excluded_plans": len(b.excluded_plans),
+        }
+        for b in found
+    ]
+    if as_json:
+        click.echo(json.dumps({"backups": rows, "jobs": jobs}, indent=2))
+        return
+    table = Table(title="backups")
+    for column in ("id", "kind", "positions", "events", "bytes", "expires", "excluded plans"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["kind"],
+            f"{row['positions'][0]}..{row['positions'][1]}",
+            str(row["events"]),
+            str(row["bytes_stored"]),
+            row["expires_at"][:10],
+            str(row["excluded_plans"]),
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for job in jobs:
+        console.print(
+            f"job {job['job']}: last success {job['last_success'] or '-'},"
+            f" last failure {job['last_failure'] or '-'} {job['last_error'] or ''}"
+        )
+
+
+@backup.command("verify")
+@click.argument("backup_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def backup_verify(backup_id: str, as_json: bool) -> None:
+    """Check every object of a backup: checksums, GCM tags, manifest, chain.
+
+    Plans excluded on request are reported as unrecoverable by design, not as failures.
+    """
+    with _runtime() as runtime:
+        report = Backups.open(runtime).reader.verify(backup_id)
+    record = {
+        "backup": backup_id,
+        "ok": report.ok,
+        "chain": report.chain,
+        "objects": report.objects,
+        "bytes": report.bytes,
+        "blobs": report.blobs,
+        "records": report.records,
+        "unrecoverable_by_design": sorted(report.unrecoverable_plans),
+        "problems": report.problems,
+    }
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        state = "OK" if report.ok else "FAILED"
+        click.echo(
+            f"backup {backup_id}: {state}; {report.objects} objects, {report.bytes} bytes,"
+            f" {report.blobs} blobs, {report.records} records;"
+            f" {len(report.unrecoverable_plans)} plan(s) unrecoverable by design"
+        )
+    if not report.ok:
+        raise click.ClickException(report.problems[0])
+
+
+# -------------------------------------------------------------------- exclusions
+
+
+@cli.group()
+def exclusions() -> None:
+    """Keep plans out of backups (compliance): request and list."""
+
+
+@exclusions.command("request")
+@click.argument("plan_id")
+@click.option("--reason", required=True, help="Why (recorded).")
+@click.option("--ticket", default=None, help="The compliance ticket reference (recorded).")
+@click.option("--actor", default="cli", show_default=True, help="Who (recorded).")
+def exclusions_request(plan_id: str, reason: str, ticket: str | None, actor: str) -> None:
+    """Exclude PLAN_ID from backups: new backups leave it out, and its key is shredded.
+
+    Backups taken before can no longer decrypt that plan; the rest of them
+    still verifies and restores. This cannot be undone.
+    """
+    plan = _uuid(plan_id, "PLAN_ID")
+    with _runtime() as runtime:
+        backups = Backups.open(runtime)
+        team = runtime.app.team_of_plan(plan)
+        done = exclude_plan(
+            runtime.app, backups.keyring, team, plan, reason=reason, ticket=ticket, actor=actor
+        )
+        runtime.projector.catch_up()
+    click.echo(
+        f"plan {plan} excluded from backups (position {done.requested_at_position});"
+        f" key shredded, {done.copies_destroyed} cop(ies) destroyed"
+        f" (position {done.shredded_at_position})"
+    )
+
+
+@exclusions.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def exclusions_list(as_json: bool) -> None:
+    """List the plans excluded from backups: who asked, when, why, which ticket."""
+    with _runtime() as runtime:
+        runtime.projector.catch_up()
+        items = []
+        cursor = None
+        while True:
+            page = runtime.queries.list_exclusions(None, cursor, 1000)
+            items.extend(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    for item in items:
+        click.echo(
+            f"{item['plan_id']} team={item['team_id']} at={item['requested_at']}"
+            f" by={item['requested_by']} ticket={item['ticket'] or '-'} reason={item['reason']}"
+        )
+    if not items:
+        click.echo("no plan is excluded from backups")
+
+
+# --------------------------------------------------------------------- retention
+
+
+@cli.group()
+def retention() -> None:
+    """Backup retention: delete what is older than RESULTSVC_BACKUP_RETENTION."""
+
+
+@retention.command("sweep")
+@click.option("--dry-run", is_flag=True, help="Say what would go, delete nothing.")
+def retention_sweep(dry_run: bool) -> None:
+    """Delete expired backups (a chain goes as a whole once its full expires)."""
+    with _runtime() as runtime:
+        backups = Backups.open(runtime)
+        report = sweep(runtime.app, backups.store, datetime.now(UTC), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    listed = f": {', '.join(report.expired)}" if report.expired else ""
+    click.echo(
+        f"{verb} {len(report.expired)} backup(s){listed}; kept {len(report.kept)};"
+        f" removed {len(report.orphans_removed)} incomplete folder(s)"
+    )
+    if report.problems:
+        raise click.ClickException(report.problems[0])
+
+
+# -------------------------------------------------------------------------- keys
+
+
+@cli.group()
+def keys() -> None:
+    """The master key that wraps backup and plan keys."""
+
+
+@keys.command("rotate")
+def keys_rotate() -> None:
+    """Start a new master key version: new backups use it, old ones stay readable.
+
+    Plan keys in the keyring are re-wrapped under the new version.
+    """
+    with _runtime() as runtime:
+        backups = Backups.open(runtime)
+        ref = backups.master.rotate()
+        rewrapped = backups.keyring.rewrap(backups.master)
+    click.echo(f"master key rotated: new version {ref}; {rewrapped} plan key(s) re-wrapped")
 
 
 def _runtime() -> Runtime:

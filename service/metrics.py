@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -12,6 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from service.runtime import Runtime
+from service.scheduler import job_status
 
 
 class _ViewsCollector(Collector):
@@ -40,6 +42,27 @@ class _ViewsCollector(Collector):
         yield lag
         yield failed
         yield head
+        success = GaugeMetricFamily(
+            "resultsvc_job_last_success_timestamp_seconds",
+            "When each scheduled job last succeeded",
+            labels=["job"],
+        )
+        failure = GaugeMetricFamily(
+            "resultsvc_job_last_failure_timestamp_seconds",
+            "When each scheduled job last failed",
+            labels=["job"],
+        )
+        try:
+            jobs = job_status(self.runtime.views)
+        except Exception:
+            jobs = []
+        for job in jobs:
+            for family, column in ((success, "last_success"), (failure, "last_failure")):
+                if job[column]:
+                    moment = datetime.fromisoformat(job[column]).timestamp()
+                    family.add_metric([job["job"]], moment)
+        yield success
+        yield failure
 
 
 class Metrics:

@@ -14,15 +14,19 @@ import uvicorn
 
 from service.api import create_app
 from service.runtime import Runtime
+from service.scheduler import start_scheduler
 from service.settings import Settings
 
 log = logging.getLogger("resultsvc.server")
 
 
-def serve(settings: Settings, host: str, port: int, *, projector: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT; the projector thread stops with the server."""
+def serve(
+    settings: Settings, host: str, port: int, *, projector: bool = True, scheduler: bool = True
+) -> None:
+    """Serve until SIGTERM/SIGINT; the projector thread and the jobs stop with the server."""
     runtime = Runtime.open(settings)
     stop = threading.Event()
+    jobs = start_scheduler(runtime) if scheduler else None
     thread = None
     if projector:
         thread = threading.Thread(
@@ -41,6 +45,8 @@ def serve(settings: Settings, host: str, port: int, *, projector: bool = True) -
             signal.signal(signum, lambda *_: None)
         uvicorn.Server(config).run()
     finally:
+        if jobs is not None:
+            jobs.shutdown(wait=True)
         stop.set()
         if thread is not None:
             thread.join(timeout=30)
