@@ -36,7 +36,13 @@ from domain.durations import parse_duration
 from domain.errors import Conflict, DomainError, InvalidInput, NotFound
 from projections.purge import purge_older_than
 from projections.queries import DEFAULT_LIMIT, MAX_LIMIT, ViewsBehind
+from retention.backup import BackupFailed
+from retention.catalog import BackupInfo
+from retention.exclusions import exclude_plan
+from retention.keys import MasterKeyError
+from retention.stores import StoreError
 from service import schemas
+from service.backups import Backups
 from service.body_limit import BodyLimit
 from service.idempotency import request_digest
 from service.metrics import Metrics
@@ -87,6 +93,16 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         responses=problem_responses(401, 403, 422),
     )
     metrics = Metrics(runtime)
+    opened: list[Backups] = []
+    opening = threading.Lock()
+
+    def backups() -> Backups:
+        """The backup side, opened on first use (the store may be remote)."""
+        with opening:
+            if not opened:
+                opened.append(Backups.open(runtime))
+            return opened[0]
+
     app.state.metrics = metrics
     queries, domain_app = runtime.queries, runtime.app
 
@@ -459,17 +475,24 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         principal: Annotated[Principal, Depends(principal_for(*COMPLIANCE))],
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        """Ask that a plan's results be kept out of backups (compliance)."""
+        """Exclude a plan from backups (compliance): new backups leave it out, and its key
+        is shredded so backups taken before can no longer decrypt it. Cannot be undone."""
 
         def command() -> dict[str, Any]:
-            done = domain_app.request_backup_exclusion(
+            done = exclude_plan(
+                domain_app,
+                backups().keyring,
                 acting_team(principal),
                 plan,
                 reason=body.reason,
                 ticket=body.ticket,
                 actor=principal.actor,
             )
-            return {"plan_id": plan, "position": done.position}
+            return {
+                "plan_id": plan,
+                "position": done.shredded_at_position,
+                "copies_destroyed": done.copies_destroyed,
+            }
 
         return await appending(request, principal, idempotency_key, 201, command)
 
@@ -539,6 +562,29 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
 
         return await appending(request, principal, idempotency_key, 201, command)
 
+    @app.get("/v1/backups", response_model=schemas.Page[schemas.BackupOut], responses=read)
+    async def list_backups(
+        principal: Annotated[Principal, Depends(principal_for("ops"))],
+    ) -> dict[str, Any]:
+        """Complete backups, oldest first (the manifests in the store are the catalog)."""
+        found = await run_in_threadpool(lambda: backups().catalog.all())
+        return {"items": [_backup_out(b) for b in found], "next_cursor": None}
+
+    @app.post("/v1/backups", status_code=201, response_model=schemas.BackupOut, responses=created)
+    async def take_backup(
+        request: Request,
+        body: schemas.BackupCreate,
+        principal: Annotated[Principal, Depends(principal_for("ops"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Take a backup now: incremental, or full with ``{"full": true}``."""
+
+        def command() -> dict[str, Any]:
+            result = backups().writer.run(full=True if body.full else None)
+            return {**_backup_out(result.info), "position": domain_app.head_position()}
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
     # -------------------------------------------------------- operations
 
     @app.get("/healthz", tags=["operations"])
@@ -594,6 +640,21 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
     return app
 
 
+def _backup_out(backup: BackupInfo) -> dict[str, Any]:
+    return {
+        "id": backup.id,
+        "kind": backup.kind,
+        "parent": backup.parent,
+        "first_position": backup.first_position,
+        "last_position": backup.last_position,
+        "events": backup.events,
+        "bytes_stored": backup.bytes_stored,
+        "created_at": backup.created_at.isoformat(),
+        "expires_at": backup.expires_at.isoformat(),
+        "excluded_plans": backup.excluded_plans,
+    }
+
+
 def problem_for(error: Exception) -> Problem:
     """The problem answer for an error raised by the domain or the views."""
     if isinstance(error, Problem):
@@ -613,6 +674,8 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "Views behind", str(error), headers={"Retry-After": "1"})
     if isinstance(error, DomainError):
         return Problem(400, "Bad request", str(error))
+    if isinstance(error, (BackupFailed, StoreError, MasterKeyError)):
+        return Problem(503, "Backup store unavailable", str(error), headers={"Retry-After": "30"})
     log.error("unexpected %s", type(error).__name__, exc_info=error)
     return Problem(500, "Internal error", "the service failed; retry with the same Idempotency-Key")
 

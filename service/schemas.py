@@ -181,6 +181,28 @@ class ExclusionOut(BaseModel):
 
 class ExclusionAccepted(Appended):
     plan_id: UUID
+    copies_destroyed: int = Field(description="Copies of the plan's backup key destroyed")
+
+
+class BackupCreate(Strict):
+    full: bool = False
+
+
+class BackupOut(BaseModel):
+    id: str
+    kind: Literal["full", "incremental"]
+    parent: str | None
+    first_position: int
+    last_position: int
+    events: int
+    bytes_stored: int
+    created_at: str
+    expires_at: str
+    excluded_plans: list[str]
+
+
+class BackupTaken(BackupOut, Appended):
+    pass
 
 
 class PurgeAccepted(Appended):
