@@ -124,7 +124,26 @@ def demo(as_json: bool) -> None:
             str(run.by_status.get("PASS", 0)),
         )
     out.print(table)
-    out.print(f"events in the log: {report.events}")
+    out.print(f"events in the log after the runs: {report.events}")
+    for backup in report.backups:
+        out.print(
+            f"backup    {backup['id']} ({backup['kind']}, positions"
+            f" {backup['positions'][0]}..{backup['positions'][1]}, {backup['events']} events)"
+            f" holds plans: {', '.join(backup['plans']) or 'none'};"
+            f" verified: {'OK' if backup['verified'] else 'FAILED'}"
+        )
+        if backup["unrecoverable_by_design"]:
+            out.print(
+                f"          unrecoverable by design (key shredded):"
+                f" {', '.join(backup['unrecoverable_by_design'])}"
+            )
+        if backup["excluded_plans"]:
+            out.print(f"          left out (excluded): {', '.join(backup['excluded_plans'])}")
+    if report.exclusion:
+        out.print(
+            f"exclusion {report.exclusion['plan']} (ticket {report.exclusion['ticket']}):"
+            f" key shredded, {report.exclusion['key_copies_destroyed']} copies destroyed"
+        )
 
 
 @cli.group()

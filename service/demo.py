@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
+from retention.exclusions import exclude_plan
+from service.backups import Backups
 from service.runtime import Runtime
 from service.samples import batches
 
@@ -42,6 +45,8 @@ class DemoReport:
     runs: list[DemoRun] = field(default_factory=list)
     events: int = 0
     notes: list[str] = field(default_factory=list)
+    backups: list[dict[str, Any]] = field(default_factory=list)
+    exclusion: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class DemoReport:
             "runs": [run.__dict__ for run in self.runs],
             "events": self.events,
             "notes": self.notes,
+            "backups": self.backups,
+            "exclusion": self.exclusion,
         }
 
 
@@ -111,4 +118,55 @@ def run_demo(runtime: Runtime, progress: Progress | None = None) -> DemoReport:
         report.runs.append(
             DemoRun(plan_name, run_id, view["status"], view["total"], by_severity, by_status)
         )
+    _backup_and_exclude(runtime, report, team.id)
     return report
+
+
+EXCLUDED_PLAN = "prod-deploy-guardrails"
+
+
+def _backup_and_exclude(runtime: Runtime, report: DemoReport, team_id: UUID) -> None:
+    """A full backup, an exclusion request for one plan, an incremental backup.
+
+    Then each backup is verified, which shows what it still contains: the
+    first one holds the excluded plan, but its key is shredded, so that part
+    is unrecoverable by design; the second one does not hold it at all.
+    """
+    backups = Backups.open(runtime)
+    first = backups.writer.run(full=True)
+    plan_id = UUID(report.plans[EXCLUDED_PLAN])
+    done = exclude_plan(
+        runtime.app,
+        backups.keyring,
+        team_id,
+        plan_id,
+        reason="customer asked that this plan's results leave backups",
+        ticket="COMP-1234",
+        actor="demo",
+    )
+    report.exclusion = {
+        "plan": EXCLUDED_PLAN,
+        "plan_id": str(plan_id),
+        "ticket": "COMP-1234",
+        "key_copies_destroyed": done.copies_destroyed,
+    }
+    second = backups.writer.run()
+    names = {plan: name for name, plan in report.plans.items()}
+    for result in (first, second):
+        verified = backups.reader.verify(result.info.id)
+        report.backups.append(
+            {
+                "id": result.info.id,
+                "kind": result.info.kind,
+                "positions": [result.info.first_position, result.info.last_position],
+                "events": result.info.events,
+                "plans": sorted(names.get(p, p) for p in result.info.manifest["plans"]),
+                "excluded_plans": sorted(names.get(p, p) for p in result.info.excluded_plans),
+                "verified": verified.ok,
+                "unrecoverable_by_design": sorted(
+                    names.get(p, p) for p in verified.unrecoverable_plans
+                ),
+                "location": runtime.settings.backup_url,
+            }
+        )
+    runtime.projector.catch_up()
