@@ -55,7 +55,14 @@ def test_demo_on_the_embedded_default_records_what_it_reports(tmp_path: Path) ->
             for finding in app.run_results(team_id, stored.id):
                 severities[finding["severity"]] = severities.get(finding["severity"], 0) + 1
             assert severities == run["by_severity"]
-        assert app.head_position() == report["events"]
+        # The runs, then two backups and the exclusion (request + shredding) were recorded.
+        assert report["events"] < app.head_position()
+        backups = report["backups"]
+        assert [b["kind"] for b in backups] == ["full", "incremental"]
+        assert all(b["verified"] for b in backups)
+        assert backups[0]["unrecoverable_by_design"] == [report["exclusion"]["plan"]]
+        assert backups[1]["excluded_plans"] == [report["exclusion"]["plan"]]
+        assert report["exclusion"]["plan"] not in backups[1]["plans"]
     finally:
         app.close()
 
