@@ -61,8 +61,6 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -559,6 +557,9 @@ class KmsMasterKey:
             parts = self.key.split(":")
             region = parts[3] if self.key.startswith("arn:") and len(parts) > 4 else None
             try:
+                import boto3  # only KMS users pay for importing boto3
+                from botocore.config import Config
+
                 self._client = boto3.client(
                     "kms",
                     region_name=region or None,

@@ -44,7 +44,7 @@ from retention.stores import StoreError
 from service import schemas
 from service.backups import Backups
 from service.body_limit import BodyLimit
-from service.idempotency import request_digest
+from service.idempotency import IdempotencyRefused, request_digest
 from service.metrics import Metrics
 from service.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemModel, problem_responses
 from service.runtime import Runtime
@@ -190,6 +190,10 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
 
     @app.exception_handler(DomainError)
     async def on_domain_error(_: Request, error: DomainError) -> Response:
+        return problem_for(error).response()
+
+    @app.exception_handler(IdempotencyRefused)
+    async def on_idempotency(_: Request, error: IdempotencyRefused) -> Response:
         return problem_for(error).response()
 
     @app.exception_handler(ViewsBehind)
@@ -659,6 +663,14 @@ def problem_for(error: Exception) -> Problem:
     """The problem answer for an error raised by the domain or the views."""
     if isinstance(error, Problem):
         return error
+    if isinstance(error, IdempotencyRefused):
+        return Problem(
+            error.status,
+            error.title,
+            error.detail,
+            errors=[{"field": "Idempotency-Key", "rule": error.detail}],
+            headers={"Retry-After": "1"} if error.retry_after else None,
+        )
     if isinstance(error, NotFound):
         return Problem(404, "Not found", str(error))
     if isinstance(error, InvalidInput):

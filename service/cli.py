@@ -35,7 +35,6 @@ from service.database import BadDatabaseUrl, DatabaseUnavailable, open_applicati
 from service.demo import demo_total_findings, run_demo
 from service.runtime import Runtime
 from service.scheduler import JOBS, JobRunner, job_status, start_scheduler
-from service.server import serve as run_server
 from service.settings import Settings
 from service.tokens import parse_scopes
 
@@ -189,6 +188,8 @@ def teams_create(name: str, as_json: bool) -> None:
 def serve(host: str, port: int, no_projector: bool, no_scheduler: bool) -> None:
     """Run the HTTP API (OpenAPI at /openapi.json) with the projector and the scheduler."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from service.server import serve as run_server  # the web stack loads only for serve
+
     run_server(_settings(), host, port, projector=not no_projector, scheduler=not no_scheduler)
 
 

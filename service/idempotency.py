@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from projections.sqlstore import ViewDatabase
-from service.problems import Problem
 
 KEEP_FOR = timedelta(hours=48)
 STALE_AFTER = timedelta(minutes=5)
@@ -39,6 +38,17 @@ IDEMPOTENCY_DDL = (
     " created_at TEXT NOT NULL,"
     " PRIMARY KEY (scope, key))"
 )
+
+
+class IdempotencyRefused(Exception):
+    """The key cannot be used for this request: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, title: str, detail: str, *, retry_after: bool = False):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,10 @@ class IdempotencyStore:
     def begin(self, scope: str, key: str, digest: str) -> Replay | None:
         """Claim a key; ``None`` means go ahead, a ``Replay`` means answer it instead."""
         if not _KEY.fullmatch(key):
-            raise Problem(
+            raise IdempotencyRefused(
                 400,
                 "Bad Idempotency-Key",
                 "Idempotency-Key must be 1 to 255 printable ASCII characters",
-                errors=[{"field": "Idempotency-Key", "rule": "1 to 255 printable ASCII"}],
             )
         now = _now()
         with self.db.writing() as cur:
@@ -107,20 +116,19 @@ class IdempotencyStore:
             )
             assert row is not None
             if row[0] != digest:
-                raise Problem(
+                raise IdempotencyRefused(
                     422,
                     "Idempotency-Key reused",
                     "this Idempotency-Key was used with another request; use a new key",
-                    errors=[{"field": "Idempotency-Key", "rule": "same key, same request"}],
                 )
             if row[1] == "done":
                 return Replay(int(row[2]), bytes(row[3]))
             if datetime.fromisoformat(row[4]) > now - STALE_AFTER:
-                raise Problem(
+                raise IdempotencyRefused(
                     409,
                     "Request in progress",
                     "a request with this Idempotency-Key is still running; retry shortly",
-                    headers={"Retry-After": "1"},
+                    retry_after=True,
                 )
             cur.execute(
                 "UPDATE idempotency_keys SET created_at = ? WHERE scope = ? AND key = ?",
