@@ -56,6 +56,11 @@ def sweep(
                 store.delete(key)
         except StoreError as error:
             report.problems.append(f"{backup.id}: {error}")
+    if not dry_run:
+        # Multipart uploads left by a backup process that was killed. The sweep
+        # runs an hour after the daily backup; a backup still running then
+        # would fail cleanly (and is retried at its next slot).
+        store.abort_incomplete(BACKUPS)
     for orphan in sorted(catalog.prefixes() - listed):
         if dry_run:
             continue
