@@ -12,6 +12,7 @@ from uuid import UUID
 
 from domain.application import ResultsApp
 from domain.durations import format_duration
+from domain.errors import InvalidInput
 from projections.queries import DisplayQueries
 from projections.views import iso
 
@@ -30,7 +31,10 @@ def purge_older_than(
 
     Returns the log positions of the purge events (empty when nothing is that old).
     """
-    cutoff = (now or datetime.now(UTC)) - age
+    try:
+        cutoff = (now or datetime.now(UTC)) - age
+    except OverflowError:
+        raise InvalidInput("older_than", "reaches before year 1; give a shorter age") from None
     teams = queries.teams_with_runs_started_before(iso(cutoff))
     if team is not None:
         teams = [t for t in teams if t == team]

@@ -35,7 +35,13 @@ from domain import findings as rules
 from domain.durations import parse_duration
 from domain.errors import Conflict, DomainError, InvalidInput, NotFound
 from projections.purge import purge_older_than
-from projections.queries import DEFAULT_LIMIT, MAX_LIMIT, ViewsBehind
+from projections.queries import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    ViewsBehind,
+    decode_cursor,
+    encode_cursor,
+)
 from retention.backup import BackupFailed
 from retention.catalog import BackupInfo
 from retention.exclusions import exclude_plan
@@ -90,7 +96,6 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         title="resultsvc",
         version="1.0",
         description=(__doc__ or "").split("\n\n", 1)[1],
-        responses=problem_responses(401, 403, 422),
     )
     metrics = Metrics(runtime)
     opened: list[Backups] = []
@@ -207,9 +212,7 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
             for item in error.errors()
         ]
         if any(item.get("type") == "json_invalid" for item in error.errors()):
-            return Problem(
-                400, "Malformed JSON", "the body is not valid JSON", errors=errors
-            ).response()
+            return _malformed_body().response()
         first = errors[0] if errors else {"field": "body", "rule": "invalid"}
         return Problem(
             422, "Invalid input", f"{first['field']}: {first['rule']}", errors=errors
@@ -217,6 +220,8 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 400 and "parsing the body" in str(error.detail):
+            return _malformed_body().response()  # e.g. JSON nested beyond the parser's depth
         titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}
         return Problem(
             error.status_code,
@@ -232,8 +237,8 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
 
     # ------------------------------------------------------------- routes
 
-    created = problem_responses(400, 404, 409, 413)
-    read = problem_responses(400, 404, 503)
+    created = problem_responses(400, 401, 403, 404, 409, 413, 422)
+    read = problem_responses(400, 401, 403, 404, 422, 503)
 
     @app.post("/v1/teams", status_code=201, response_model=schemas.TeamCreated, responses=created)
     async def create_team(
@@ -569,12 +574,29 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
     @app.get("/v1/backups", response_model=schemas.Page[schemas.BackupOut], responses=read)
     async def list_backups(
         principal: Annotated[Principal, Depends(principal_for("ops"))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
     ) -> dict[str, Any]:
         """Complete backups, oldest first (the manifests in the store are the catalog)."""
-        found = await run_in_threadpool(lambda: backups().catalog.all())
-        return {"items": [_backup_out(b) for b in found], "next_cursor": None}
+        await wait(after)
 
-    @app.post("/v1/backups", status_code=201, response_model=schemas.BackupOut, responses=created)
+        def page() -> dict[str, Any]:
+            ids = backups().catalog.ids()
+            if cursor:
+                (last,) = decode_cursor(cursor, "backups", (str,))
+                ids = [backup_id for backup_id in ids if backup_id > last]
+            chosen = ids[:limit]
+            more = len(ids) > limit
+            items = [_backup_out(backups().catalog.get(backup_id)) for backup_id in chosen]
+            return {
+                "items": items,
+                "next_cursor": encode_cursor("backups", [chosen[-1]]) if more else None,
+            }
+
+        return await run_in_threadpool(page)
+
+    @app.post("/v1/backups", status_code=201, response_model=schemas.BackupTaken, responses=created)
     async def take_backup(
         request: Request,
         body: schemas.BackupCreate,
@@ -642,6 +664,15 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     metrics.install(app)
     return app
+
+
+def _malformed_body() -> Problem:
+    return Problem(
+        400,
+        "Malformed JSON",
+        "the body is not valid JSON (or is nested too deeply)",
+        errors=[{"field": "body", "rule": "must be valid JSON"}],
+    )
 
 
 def _backup_out(backup: BackupInfo) -> dict[str, Any]:

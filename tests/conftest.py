@@ -155,12 +155,22 @@ def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def runtime(database_url: str) -> Iterator[Any]:
-    """The composition root on the parametrised store (SQLite and PostgreSQL)."""
+def runtime(database_url: str, tmp_path: Any) -> Iterator[Any]:
+    """The composition root on the parametrised store (SQLite and PostgreSQL).
+
+    Backups and the master key go to the test's own folder, never to ./var.
+    """
     from service.runtime import Runtime
     from service.settings import Settings
 
-    opened = Runtime.open(Settings.from_env({"RESULTSVC_DATABASE_URL": database_url}))
+    settings = Settings.from_env(
+        {
+            "RESULTSVC_DATABASE_URL": database_url,
+            "RESULTSVC_BACKUP_URL": f"file://{tmp_path}/backups",
+            "RESULTSVC_MASTER_KEY": f"file://{tmp_path}/keys/master.key",
+        }
+    )
+    opened = Runtime.open(settings)
     try:
         yield opened
     finally:
