@@ -28,6 +28,9 @@ test: $(VENV)/.installed-dev
 ## bench: the benchmarks in bench/, by hand; figures go into README.md
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/projection.py
+	$(BIN)/python bench/http_ingest.py
+	$(BIN)/python bench/backup.py
 
 ## lint: ruff and mypy on the packages
 lint: $(VENV)/.installed-dev
