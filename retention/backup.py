@@ -40,7 +40,7 @@ from retention.format import (
     seal_blob,
     sign_manifest,
 )
-from retention.keyring import Keyring
+from retention.keyring import Keyring, PlanKeyShredded
 from retention.keys import MasterKey
 from retention.stores import ObjectStore, ObjectWriter
 
@@ -68,9 +68,19 @@ class _Blob:
     size: int = 0
 
 
-def new_backup_id(now: datetime) -> str:
-    """Sortable by creation time, unique: ``20261129T205012Z-3f2a9c1d``."""
-    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+def new_backup_id(now: datetime, after: str | None = None) -> str:
+    """Sortable by creation time, unique, always after ``after`` (the latest backup).
+
+    ``20261129T205012123456Z-3f2a9c1d``: microseconds, then random bits. Two
+    backups in the same microsecond (or a clock that stepped back) still sort
+    in the order they were taken, which the catalog's ordering relies on.
+    """
+    moment = now.astimezone(UTC)
+    while True:
+        candidate = f"{moment:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
+        if after is None or candidate > after:
+            return candidate
+        moment += timedelta(microseconds=1)
 
 
 class PlanOf:
@@ -151,7 +161,8 @@ class BackupWriter:
         started = time.monotonic()
         now = self.clock()
         kind, parent = self.plan(full)
-        backup_id = new_backup_id(now)
+        existing = self.catalog.ids()
+        backup_id = new_backup_id(now, existing[-1] if existing else None)
         head = self.app.head_position()
         first = 1 if parent is None else parent.last_position + 1
         if parent is None:
@@ -257,7 +268,12 @@ class BackupWriter:
                 continue
             key_ref = KEY_BACKUP if plan is None else plan_key_ref(plan)
             if plan is not None and key_ref not in keys:
-                keys[key_ref] = self.keyring.key_for_writing(plan)
+                try:
+                    keys[key_ref] = self.keyring.key_for_writing(plan)
+                except PlanKeyShredded:  # excluded while this backup was running
+                    excluded[plan] = notification.id
+                    stats["skipped"] += 1
+                    continue
                 stats["plans"].add(str(plan))
             encoded = encode_record(
                 Record(

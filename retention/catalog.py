@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from retention.format import parse_manifest
+from retention.format import FormatError, parse_manifest
 from retention.stores import ObjectStore
 
 BACKUPS = "backups/"
@@ -64,6 +64,7 @@ def info(document: dict[str, Any]) -> BackupInfo:
 class Catalog:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self.damaged: dict[str, str] = {}
 
     def ids(self) -> list[str]:
         """Ids of complete backups, oldest first (ids sort by creation time)."""
@@ -79,7 +80,19 @@ class Catalog:
         )
 
     def all(self) -> list[BackupInfo]:
-        return [self.get(backup_id) for backup_id in self.ids()]
+        """Every readable backup; unreadable manifests are set aside in ``damaged``.
+
+        One damaged manifest must not stop every later backup and sweep: it is
+        reported (``backup verify`` names it) and skipped.
+        """
+        found = []
+        self.damaged = {}
+        for backup_id in self.ids():
+            try:
+                found.append(self.get(backup_id))
+            except (FormatError, KeyError, ValueError, TypeError) as error:
+                self.damaged[backup_id] = str(error) or type(error).__name__
+        return found
 
     def prefixes(self) -> set[str]:
         """Every backup folder, complete or not (orphans of failed runs included)."""

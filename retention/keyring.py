@@ -31,6 +31,16 @@ KEYRING_DDL = (
     " master_key_ref TEXT NOT NULL,"
     " created_at TEXT NOT NULL)"
 )
+# Plans whose key was shredded: no key is ever made for them again.
+SHREDDED_DDL = (
+    "CREATE TABLE IF NOT EXISTS backup_shredded_plans ("
+    " plan_id TEXT PRIMARY KEY,"
+    " shredded_at TEXT NOT NULL)"
+)
+
+
+class PlanKeyShredded(Exception):
+    """The plan was excluded from backups: it has no key, and never will again."""
 
 
 def object_key(plan_id: UUID | str) -> str:
@@ -51,25 +61,41 @@ class Keyring:
     def ensure_schema(self) -> None:
         with self.db.writing() as cur:
             cur.execute(KEYRING_DDL)
+            cur.execute(SHREDDED_DDL)
 
     def key_for_writing(self, plan_id: UUID) -> bytes:
-        """The plan's key, created (wrapped, stored, cached) on first use."""
+        """The plan's key, created on first use; refused for a shredded plan.
+
+        The key object is in the store before the key is used: a key that
+        only the database held would be lost with the database, and with it
+        that plan's part of every backup.
+        """
         cached = self._plain.get(str(plan_id))
         if cached is not None:
             return cached
-        wrapped = self._wrapped(plan_id)
+        if self._is_shredded(plan_id):
+            raise PlanKeyShredded(f"plan {plan_id} is excluded from backups")
+        wrapped = self._cached(plan_id)
         if wrapped is None:
-            key = secrets.token_bytes(32)
-            fresh = self.master.wrap(key, _context(plan_id))
+            wrapped = self._stored(plan_id)  # written before a crash, never cached
+            if wrapped is None:
+                wrapped = self.master.wrap(secrets.token_bytes(32), _context(plan_id))
+                self.store.put(object_key(plan_id), self._document(plan_id, wrapped))
             with self.db.writing() as cur:
                 cur.execute(
                     "INSERT INTO backup_plan_keys (plan_id, wrapped, master_key_ref, created_at)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [str(plan_id), b64(fresh), self.master.ref, datetime.now(UTC).isoformat()],
+                    [str(plan_id), b64(wrapped), self.master.ref, datetime.now(UTC).isoformat()],
                 )
-            wrapped = self._cached(plan_id)  # the winner, if another writer raced us
-            assert wrapped is not None
+            winner = self._cached(plan_id)
+            assert winner is not None
+            if winner != wrapped:  # another writer raced us: its key is the plan's key
+                self.store.put(object_key(plan_id), self._document(plan_id, winner))
+            wrapped = winner
+        elif self._stored(plan_id) is None:
             self.store.put(object_key(plan_id), self._document(plan_id, wrapped))
+        if self._is_shredded(plan_id):  # excluded while we were at it
+            raise PlanKeyShredded(f"plan {plan_id} is excluded from backups")
         key = self.master.unwrap(wrapped, _context(plan_id))
         self._plain[str(plan_id)] = key
         return key
@@ -90,6 +116,11 @@ class Keyring:
         """Destroy the plan's key everywhere it is kept; return how many copies went."""
         self._plain.pop(str(plan_id), None)
         with self.db.writing() as cur:
+            cur.execute(
+                "INSERT INTO backup_shredded_plans (plan_id, shredded_at) VALUES (?, ?)"
+                " ON CONFLICT DO NOTHING",
+                [str(plan_id), datetime.now(UTC).isoformat()],
+            )
             copies = cur.execute("DELETE FROM backup_plan_keys WHERE plan_id = ?", [str(plan_id)])
         try:
             self.store.head(object_key(plan_id))
@@ -129,13 +160,21 @@ class Keyring:
     def _wrapped(self, plan_id: UUID | str) -> bytes | None:
         """From the cache, else from the store (a restore on a fresh database), else ``None``."""
         cached = self._cached(plan_id)
-        if cached is not None:
-            return cached
+        return cached if cached is not None else self._stored(plan_id)
+
+    def _stored(self, plan_id: UUID | str) -> bytes | None:
         try:
             document: dict[str, Any] = json.loads(self.store.get(object_key(plan_id)))
         except ObjectMissing:
             return None
         return unb64(str(document["wrapped"]))
+
+    def _is_shredded(self, plan_id: UUID | str) -> bool:
+        with self.db.reading() as cur:
+            row = cur.fetchone(
+                "SELECT 1 FROM backup_shredded_plans WHERE plan_id = ?", [str(plan_id)]
+            )
+        return row is not None
 
     def _document(
         self, plan_id: UUID | str, wrapped: bytes, master: MasterKey | None = None

@@ -151,7 +151,12 @@ class BackupReader:
         if key_ref == KEY_BACKUP:
             key: bytes | None = data_key
         else:
-            key = self.keyring.key_for_reading(key_ref.removeprefix("plan:"))
+            try:
+                key = self.keyring.key_for_reading(key_ref.removeprefix("plan:"))
+            except MasterKeyError as error:
+                raise BackupUnreadable(
+                    f"{place}: cannot unwrap the key of {key_ref}: {error}"
+                ) from None
         if key is None:
             report.unrecoverable_plans.add(key_ref.removeprefix("plan:"))
             report.blobs += 1

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from domain.application import ResultsApp
 from retention.catalog import BACKUPS, Catalog, manifest_key
 from retention.stores import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
+
+ORPHAN_AGE = timedelta(days=1)
 
 
 @dataclass
@@ -56,15 +58,16 @@ def sweep(
                 store.delete(key)
         except StoreError as error:
             report.problems.append(f"{backup.id}: {error}")
-    if not dry_run:
-        # Multipart uploads left by a backup process that was killed. The sweep
-        # runs an hour after the daily backup; a backup still running then
-        # would fail cleanly (and is retried at its next slot).
-        store.abort_incomplete(BACKUPS)
+    for damaged, reason in catalog.damaged.items():
+        listed.add(damaged)  # never treated as an orphan: a person must look at it
+        report.problems.append(f"{damaged}: unreadable manifest, kept: {reason}")
     for orphan in sorted(catalog.prefixes() - listed):
-        if dry_run:
+        # A folder without a manifest is a backup that failed half-way, or one
+        # still being written: only folders older than ORPHAN_AGE are removed.
+        if dry_run or orphan[:15] >= f"{now - ORPHAN_AGE:%Y%m%dT%H%M%S}":
             continue
         try:
+            store.abort_incomplete(f"{BACKUPS}{orphan}/")
             for key in store.list(f"{BACKUPS}{orphan}/"):
                 store.delete(key)
             report.orphans_removed.append(orphan)

@@ -28,7 +28,12 @@ from domain.durations import parse_duration
 from domain.errors import DomainError
 from projections.purge import purge_older_than
 from projections.views import ALL_VIEWS
+from retention.backup import BackupFailed
 from retention.exclusions import exclude_plan
+from retention.format import FormatError
+from retention.keys import MasterKeyError
+from retention.reader import BackupUnreadable
+from retention.stores import StoreError
 from retention.sweeper import sweep
 from service.backups import Backups
 from service.database import BadDatabaseUrl, DatabaseUnavailable, open_application
@@ -49,8 +54,19 @@ class _OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (DomainError, DatabaseUnavailable, BadDatabaseUrl) as error:
-            raise click.ClickException(str(error)) from None
+        except (
+            DomainError,
+            DatabaseUnavailable,
+            BadDatabaseUrl,
+            MasterKeyError,
+            StoreError,
+            FormatError,
+            BackupFailed,
+            BackupUnreadable,
+        ) as error:
+            raise click.ClickException(
+                str(error).splitlines()[0] if str(error) else repr(error)
+            ) from None
 
 
 def _settings() -> Settings:
@@ -305,6 +321,7 @@ def backup_list(as_json: bool) -> None:
     with _runtime() as runtime:
         backups = Backups.open(runtime)
         found = backups.catalog.all()
+        damaged = dict(backups.catalog.damaged)
         jobs = job_status(runtime.views)
     rows: list[dict[str, Any]] = [
         {
@@ -321,7 +338,8 @@ def backup_list(as_json: bool) -> None:
         for b in found
     ]
     if as_json:
-        click.echo(json.dumps({"backups": rows, "jobs": jobs}, indent=2))
+        click.echo(json.dumps({"backups": rows, "jobs": jobs, "damaged": damaged}, indent=2))
+        _fail_if_damaged(damaged)
         return
     table = Table(title="backups")
     for column in ("id", "kind", "positions", "events", "bytes", "expires", "excluded plans"):
@@ -343,6 +361,15 @@ def backup_list(as_json: bool) -> None:
             f"job {job['job']}: last success {job['last_success'] or '-'},"
             f" last failure {job['last_failure'] or '-'} {job['last_error'] or ''}"
         )
+    _fail_if_damaged(damaged)
+
+
+def _fail_if_damaged(damaged: dict[str, str]) -> None:
+    """A backup whose manifest cannot be read is listed nowhere else: say so, exit non-zero."""
+    if damaged:
+        backup_id, reason = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise click.ClickException(f"backup {backup_id} is damaged: {reason}{more}")
 
 
 @backup.command("verify")
