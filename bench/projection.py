@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -68,7 +67,7 @@ from bench.common import Stopwatch, scratch_database
 from domain.findings import validate_batch
 from projections.projector import Projector
 from projections.schema import DISPLAY_TABLES, ddl
-from projections.views import RESULT_COLUMNS, SEQ_PER_BATCH
+from projections.views import RESULT_COLUMNS, result_rows
 from service.database import open_application, parse_database_url, view_database
 from service.samples import batches
 
@@ -223,29 +222,10 @@ def baseline_rows(
 ) -> list[tuple[Any, ...]]:
     """The rows the display view writes for the fill, built as ``DisplayView`` builds them."""
     _, per_run = runs_layout(findings, batch, runs)
-    dumps = json.dumps
     rows: list[tuple[Any, ...]] = []
     for k, chunk in enumerate(batches(findings, batch, seed=SEED)):
         run_id, team_id, plan_id = keys[k // per_run]
-        base = (k % per_run + 1) * SEQ_PER_BATCH
-        rows.extend(
-            (
-                run_id,
-                base + index,
-                team_id,
-                plan_id,
-                r["rule_id"],
-                r["title"],
-                r["severity"],
-                r["status"],
-                r["resource_arn"],
-                r["region"],
-                r["message"],
-                r["observed_at"],
-                None if r.get("details") is None else dumps(r["details"], ensure_ascii=False),
-            )
-            for index, r in enumerate(validate_batch(chunk))
-        )
+        rows.extend(result_rows(run_id, team_id, plan_id, k % per_run + 1, validate_batch(chunk)))
     return rows
 
 

@@ -14,7 +14,7 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,10 +162,7 @@ class DisplayQueries:
                 " ORDER BY linked_at, account_id LIMIT ?",
                 [*params, limit + 1],
             )
-        items = [_account(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        last = rows[limit - 1] if more else None
-        return Page(items, encode_cursor("accounts", [last[7], last[0]]) if last else None)
+        return _page(rows, limit, _account, "accounts", lambda r: [r[7], r[0]])
 
     def get_account(self, team_id: str | None, ident: str) -> dict[str, Any]:
         with self._read() as cur:
@@ -196,9 +193,7 @@ class DisplayQueries:
                 " ORDER BY created_at, plan_id LIMIT ?",
                 [*params, limit + 1],
             )
-        items = [_plan(r) for r in rows[:limit]]
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(items, encode_cursor("plans", [last[4], last[0]]) if last else None)
+        return _page(rows, limit, _plan, "plans", lambda r: [r[4], r[0]])
 
     def get_plan(self, team_id: str | None, ident: str) -> dict[str, Any]:
         with self._read() as cur:
@@ -229,9 +224,7 @@ class DisplayQueries:
                 " ORDER BY started_at DESC, run_id DESC LIMIT ?",
                 [*params, limit + 1],
             )
-        items = [_run(r) for r in rows[:limit]]
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(items, encode_cursor("runs", [last[4], last[0]]) if last else None)
+        return _page(rows, limit, _run, "runs", lambda r: [r[4], r[0]])
 
     def get_run(self, team_id: str | None, ident: str) -> dict[str, Any]:
         with self._read() as cur:
@@ -273,9 +266,7 @@ class DisplayQueries:
                 f" observed_at, details FROM view_results WHERE {where} ORDER BY seq LIMIT ?",
                 [*params, limit + 1],
             )
-        items = [_result(r) for r in rows[:limit]]
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(items, encode_cursor("results", [last[0]]) if last else None)
+        return _page(rows, limit, _result, "results", lambda r: [r[0]])
 
     # ------------------------------------------------------------- exclusions
 
@@ -295,20 +286,7 @@ class DisplayQueries:
                 f" FROM view_exclusions WHERE {where} ORDER BY requested_at, plan_id LIMIT ?",
                 [*params, limit + 1],
             )
-        items = [
-            {
-                "plan_id": r[0],
-                "team_id": r[1],
-                "reason": r[2],
-                "ticket": r[3],
-                "requested_by": r[4],
-                "requested_at": r[5],
-                "position": int(r[6]),
-            }
-            for r in rows[:limit]
-        ]
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(items, encode_cursor("exclusions", [last[5], last[0]]) if last else None)
+        return _page(rows, limit, _exclusion, "exclusions", lambda r: [r[5], r[0]])
 
     # ----------------------------------------------------------------- purges
 
@@ -322,6 +300,31 @@ class DisplayQueries:
     def plan_owner(self, plan: str) -> str:
         """The team of a plan, for operators who name a plan without its team."""
         return str(self.get_plan(None, plan)["team_id"])
+
+
+def _page(
+    rows: list[Row],
+    limit: int,
+    to_item: Callable[[Row], dict[str, Any]],
+    kind: str,
+    key_of: Callable[[Row], list[Any]],
+) -> Page:
+    """A page from ``limit + 1`` rows: the extra row only says that there is a next page."""
+    last = rows[limit - 1] if len(rows) > limit else None
+    cursor = encode_cursor(kind, key_of(last)) if last is not None else None
+    return Page([to_item(row) for row in rows[:limit]], cursor)
+
+
+def _exclusion(r: Row) -> dict[str, Any]:
+    return {
+        "plan_id": r[0],
+        "team_id": r[1],
+        "reason": r[2],
+        "ticket": r[3],
+        "requested_by": r[4],
+        "requested_at": r[5],
+        "position": int(r[6]),
+    }
 
 
 def _account(r: Row) -> dict[str, Any]:

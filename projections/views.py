@@ -63,6 +63,32 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def result_rows(
+    run_id: str, team_id: str, plan_id: str, batch_no: int, results: list[dict[str, Any]]
+) -> list[Row]:
+    """The ``view_results`` rows of one batch, in ``RESULT_COLUMNS`` order."""
+    base = batch_no * SEQ_PER_BATCH
+    dumps = orjson.dumps
+    return [
+        (
+            run_id,
+            base + index,
+            team_id,
+            plan_id,
+            r["rule_id"],
+            r["title"],
+            r["severity"],
+            r["status"],
+            r["resource_arn"],
+            r["region"],
+            r["message"],
+            r["observed_at"],
+            None if r.get("details") is None else dumps(r["details"]).decode(),
+        )
+        for index, r in enumerate(results)
+    ]
+
+
 class View(Protocol):
     """A display view: its name, its tables, and how it applies a page of events."""
 
@@ -142,27 +168,7 @@ class DisplayView:
         )
         if changed == 0:
             return []  # the run was purged from display while it was running
-        team_id, plan_id = str(event.team_id), str(event.plan_id)
-        base = event.batch_no * SEQ_PER_BATCH
-        dumps = orjson.dumps
-        return [
-            (
-                run_id,
-                base + index,
-                team_id,
-                plan_id,
-                r["rule_id"],
-                r["title"],
-                r["severity"],
-                r["status"],
-                r["resource_arn"],
-                r["region"],
-                r["message"],
-                r["observed_at"],
-                None if r.get("details") is None else dumps(r["details"]).decode(),
-            )
-            for index, r in enumerate(results)
-        ]
+        return result_rows(run_id, str(event.team_id), str(event.plan_id), event.batch_no, results)
 
     def _purge(self, cur: Cursor, event: Any, s: str) -> None:
         team = str(event.team_id)
