@@ -26,6 +26,7 @@ from rich.table import Table
 from domain.application import ResultsApp
 from domain.durations import parse_duration
 from domain.errors import DomainError
+from projections.projector import Projector
 from projections.purge import purge_older_than
 from projections.views import ALL_VIEWS
 from retention.backup import BackupFailed
@@ -33,10 +34,17 @@ from retention.exclusions import exclude_plan
 from retention.format import FormatError
 from retention.keys import MasterKeyError
 from retention.reader import BackupUnreadable
+from retention.restore import RestoreRefused
+from retention.restore import restore as restore_chain
 from retention.stores import StoreError
 from retention.sweeper import sweep
 from service.backups import Backups
-from service.database import BadDatabaseUrl, DatabaseUnavailable, open_application
+from service.database import (
+    BadDatabaseUrl,
+    DatabaseUnavailable,
+    open_application,
+    view_database,
+)
 from service.demo import demo_total_findings, run_demo
 from service.runtime import Runtime
 from service.scheduler import JOBS, JobRunner, job_status, start_scheduler
@@ -63,6 +71,7 @@ class _OneLineErrors(click.Group):
             FormatError,
             BackupFailed,
             BackupUnreadable,
+            RestoreRefused,
         ) as error:
             raise click.ClickException(
                 str(error).splitlines()[0] if str(error) else repr(error)
@@ -404,6 +413,49 @@ def backup_verify(backup_id: str, as_json: bool) -> None:
         )
     if not report.ok:
         raise click.ClickException(report.problems[0])
+
+
+@cli.command()
+@click.option("--backup", "backup_id", required=True, help="The backup to restore (its chain).")
+@click.option(
+    "--until-position",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this log position (point in time, to the event).",
+)
+@click.option("--into", "into", required=True, help="DATABASE_URL of an EMPTY database.")
+def restore(backup_id: str, until_position: int | None, into: str) -> None:
+    """Load a backup chain into an empty database and rebuild its display views.
+
+    Needs the master key, the keyring and the backup objects (the configured
+    RESULTSVC_MASTER_KEY and RESULTSVC_BACKUP_URL). Plans excluded from
+    backups cannot be restored, by design.
+    """
+    target = open_application(into)
+    try:
+        with _runtime() as runtime:
+            backups = Backups.open(runtime)
+            with _progress("restoring", until_position or 0) as advance:
+                result = restore_chain(
+                    backups.reader,
+                    backup_id,
+                    target,
+                    until_position=until_position,
+                    progress=advance,
+                )
+        projector = Projector(target, view_database(into))
+        try:
+            projector.ensure_schema()
+            projector.catch_up()
+        finally:
+            projector.close()
+    finally:
+        target.close()
+    click.echo(
+        f"restored {result.events} events of {len(result.chain)} backup(s) up to position"
+        f" {result.last_position}; views rebuilt;"
+        f" {len(result.unrecoverable_plans)} plan(s) unrecoverable by design"
+    )
 
 
 # -------------------------------------------------------------------- exclusions
