@@ -52,9 +52,37 @@ def restore(
     until_position: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RestoreResult:
-    """Load a backup chain into ``target``, an empty event store."""
+    """Load a backup chain into ``target``, an empty event store; all of it or nothing.
+
+    A damaged object met half-way (or a target that fails) leaves the target
+    empty again, so the operator can fix the cause and run the same command.
+    """
     if target.head_position() != 0:
         raise RestoreRefused("the target database is not empty: restore only into an empty one")
+    try:
+        return _restore(reader, backup_id, target, until_position, progress)
+    except BaseException:
+        _empty(target)
+        raise
+
+
+def _empty(target: ResultsApp) -> None:
+    """Remove every event from a target that was empty when the restore began."""
+    recorder: Any = target.recorder
+    table = recorder.events_table_name
+    if hasattr(recorder.datastore, "schema"):  # PostgreSQL
+        table = f'"{recorder.datastore.schema}"."{table}"'
+    with recorder.datastore.transaction(commit=True) as cursor:
+        cursor.execute(f"DELETE FROM {table}")
+
+
+def _restore(
+    reader: BackupReader,
+    backup_id: str,
+    target: ResultsApp,
+    until_position: int | None,
+    progress: Callable[[int], None] | None,
+) -> RestoreResult:
     members = reader.chain(backup_id)
     result = RestoreResult(backup_id, [member.id for member in members])
     pending: list[StoredEvent] = []
