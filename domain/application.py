@@ -33,6 +33,7 @@ from domain.model import (
     ExternalIdClaim,
     Plan,
     PlanRun,
+    RestoreDrill,
     ResultBatch,
     RetentionSweep,
     Team,
@@ -259,6 +260,13 @@ class ResultsApp(Application[UUID]):
             backup.delete(reason="retention expired")
             aggregates.append(backup)
         return self._save(*aggregates)
+
+    def record_drill(
+        self, backup_id: str, passed: bool, reason: str, report: dict[str, Any]
+    ) -> int:
+        """Record a restore drill and its report (pass or fail, with the reason)."""
+        drill = RestoreDrill(backup_id=backup_id, passed=passed, reason=reason, report=report)
+        return self._save(drill)
 
     def excluded_plans(self) -> dict[UUID, int]:
         """Every plan excluded from backups, with the position of its request.

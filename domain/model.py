@@ -337,3 +337,20 @@ class RetentionSweep(Aggregate):
     @event("Created", topic="resultsvc/RetentionSweep/Created")
     def __init__(self, deleted: list[str], kept: int, swept_by: str) -> None:
         self.deleted = deleted
+
+
+class RestoreDrill(Aggregate):
+    """One restore drill and its verdict, kept for compliance and for /metrics."""
+
+    TOPIC = "resultsvc/RestoreDrill"
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = "resultsvc/RestoreDrill/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/RestoreDrill/Created"
+
+    @event("Recorded", topic="resultsvc/RestoreDrill/Recorded")
+    def __init__(self, backup_id: str, passed: bool, reason: str, report: dict[str, Any]) -> None:
+        self.backup_id = backup_id
+        self.passed = passed

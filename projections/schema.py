@@ -133,3 +133,14 @@ def swap_tables(cur: Cursor, tables: tuple[Table, ...], suffix: str) -> None:
     for table in tables:
         cur.execute(f"DROP TABLE IF EXISTS {table.name}")
         cur.execute(f"ALTER TABLE {table.name}{suffix} RENAME TO {table.name}")
+
+
+DRILL_TABLES: tuple[Table, ...] = (
+    Table(
+        "view_drills",
+        "drill_id TEXT{C} PRIMARY KEY, backup_id TEXT NOT NULL, passed INTEGER NOT NULL,"
+        " reason TEXT NOT NULL, recorded_at TEXT{C} NOT NULL, position BIGINT NOT NULL,"
+        " report TEXT NOT NULL",
+        ("recorded_at, drill_id",),
+    ),
+)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from projections.schema import DISPLAY_TABLES, EXCLUSION_TABLES, Table
+from projections.schema import DISPLAY_TABLES, DRILL_TABLES, EXCLUSION_TABLES, Table
 from projections.sqlstore import TRANSIENT_ERRORS, Cursor, Row
 
 SEQ_PER_BATCH = 1000  # at most 1,000 results per batch: (batch_no, index) -> seq
@@ -279,4 +279,37 @@ class ExclusionsView:
                 ) from error
 
 
-ALL_VIEWS: tuple[View, ...] = (DisplayView(), ExclusionsView())
+class DrillsView:
+    """The restore drills: when, which backup, passed or why not, the whole report."""
+
+    name = "drills"
+    tables = DRILL_TABLES
+    topics = frozenset({"resultsvc/RestoreDrill/Recorded"})
+
+    def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
+        for position, topic, event in page:
+            if topic != "resultsvc/RestoreDrill/Recorded":
+                continue
+            try:
+                cur.execute(
+                    f"INSERT INTO view_drills{suffix} (drill_id, backup_id, passed, reason,"
+                    " recorded_at, position, report) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        str(event.originator_id),
+                        event.backup_id,
+                        int(bool(event.passed)),
+                        event.reason,
+                        iso(event.timestamp),
+                        position,
+                        orjson.dumps(event.report).decode(),
+                    ],
+                )
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as error:
+                raise EventNotProjectable(
+                    f"{topic} at position {position}: {type(error).__name__}: {error}"
+                ) from error
+
+
+ALL_VIEWS: tuple[View, ...] = (DisplayView(), ExclusionsView(), DrillsView())

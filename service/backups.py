@@ -5,17 +5,19 @@ Opened on demand (the display side needs none of it), from the settings.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from retention.keys import MasterKey, open_master_key
-from retention.stores import ObjectStore, open_store
-
 from retention.backup import BackupWriter
 from retention.catalog import Catalog
+from retention.drill import DrillReport, RestoreDrill, scratch_server_for
 from retention.keyring import Keyring
+from retention.keys import MasterKey, open_master_key
 from retention.reader import BackupReader
+from retention.stores import ObjectStore, open_store
+from service.database import open_application, view_database
 from service.runtime import Runtime
 
 
@@ -55,3 +57,31 @@ class Backups:
             BackupReader(store, master, keyring),
             Catalog(store),
         )
+
+    def choose(self, backup_id: str | None = None, *, pick: str = "latest") -> str:
+        """The backup a drill is about: named, the latest, or one at random."""
+        if backup_id is not None:
+            return backup_id
+        ids = self.catalog.ids()
+        if not ids:
+            raise NoBackup("there is no backup to drill: run `resultsvc backup run` first")
+        return random.choice(ids) if pick == "random" else ids[-1]
+
+    def drill(self, backup_id: str) -> tuple[DrillReport, int]:
+        """Run a restore drill, record it as an event; return the report and its position."""
+        drill = RestoreDrill(
+            self.runtime.app,
+            self.reader,
+            open_application,
+            view_database,
+            scratch_server=scratch_server_for(self.runtime.settings.database_url),
+        )
+        report = drill.run(backup_id)
+        position = self.runtime.app.record_drill(
+            backup_id, report.passed, report.reason, report.as_dict()
+        )
+        return report, position
+
+
+class NoBackup(Exception):
+    """A drill was asked for, but the store holds no backup."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from retention.drill import DrillReport
 from retention.exclusions import exclude_plan
 from service.backups import Backups
 from service.runtime import Runtime
@@ -47,6 +48,7 @@ class DemoReport:
     notes: list[str] = field(default_factory=list)
     backups: list[dict[str, Any]] = field(default_factory=list)
     exclusion: dict[str, Any] = field(default_factory=dict)
+    drill: DrillReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class DemoReport:
             "notes": self.notes,
             "backups": self.backups,
             "exclusion": self.exclusion,
+            "drill": None if self.drill is None else self.drill.as_dict(),
         }
 
 
@@ -169,4 +172,5 @@ def _backup_and_exclude(runtime: Runtime, report: DemoReport, team_id: UUID) -> 
                 "location": runtime.settings.backup_url,
             }
         )
+    report.drill, _ = backups.drill(second.info.id)
     runtime.projector.catch_up()

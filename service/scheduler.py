@@ -77,6 +77,19 @@ def _display_retention(runtime: Runtime) -> Any:
     return apply_display_retention(runtime.app, runtime.queries, runtime.settings.display_retention)
 
 
+def _drill(runtime: Runtime) -> Any:
+    backups = Backups.open(runtime)
+    report, _ = backups.drill(backups.choose(pick="latest"))
+    if not report.passed:
+        raise RuntimeError(f"restore drill of {report.backup_id} failed: {report.reason}")
+    return report
+
+
+def _week(moment: datetime) -> str:
+    year, week, _ = moment.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
 def _shred(runtime: Runtime) -> Any:
     return shred_pending(runtime.app, Backups.open(runtime).keyring, actor="scheduler")
 
@@ -88,7 +101,13 @@ JOBS: tuple[JobSpec, ...] = (
         "display-retention", CronTrigger(hour=4, minute=0, timezone=UTC), _day, _display_retention
     ),
     JobSpec("shred-pending", CronTrigger(minute=17, timezone=UTC), _hour, _shred),
-    # Slots kept for later: "restore-drill" (weekly) and "account-verification" (daily).
+    JobSpec(
+        "restore-drill",
+        CronTrigger(day_of_week="sun", hour=5, minute=0, timezone=UTC),
+        _week,
+        _drill,
+    ),
+    # Slot kept for later: "account-verification" (daily).
 )
 
 

@@ -858,11 +858,13 @@ def test_small_pages_resume_exactly_where_they_stopped(runtime: Runtime) -> None
 
     fresh = Projector(app, runtime.views, page_events=7)
     try:
-        assert fresh.catch_up() == (head - 15) + head  # display from 15, exclusions from 0
+        # display from 15; exclusions and drills from 0
+        assert fresh.catch_up() == (head - 15) + head + head
         assert fresh.catch_up() == 0
         assert {s.view: s.position for s in fresh.status()} == {
             "display": head,
             "exclusions": head,
+            "drills": head,
         }
     finally:
         fresh.close()
@@ -881,7 +883,7 @@ def test_two_projectors_one_after_the_other_or_interleaved_apply_each_event_once
     first = Projector(app, runtime.views, page_events=5)
     second = Projector(app, runtime.views, page_events=4)
     try:
-        assert first.catch_up() == 2 * app.head_position()
+        assert first.catch_up() == len(first.views) * app.head_position()
         assert second.catch_up() == 0
         assert count_results(runtime) == results_in_log(app)
 
@@ -903,6 +905,7 @@ def test_two_projectors_one_after_the_other_or_interleaved_apply_each_event_once
         head = app.head_position()
         assert [(s.view, s.position, s.state) for s in first.status()] == [
             ("display", head, STATE_RUNNING),
+            ("drills", head, STATE_RUNNING),
             ("exclusions", head, STATE_RUNNING),
         ]
     finally:
@@ -976,7 +979,7 @@ def test_a_view_that_cannot_apply_an_event_stops_there_and_says_why(runtime: Run
         assert plan_position - 2 <= failed.position < plan_position  # the page before it
         assert failed.lag == head - failed.position > 0
         assert fussy_rows(runtime) == [(p, t) for p, t in creations(app) if p <= failed.position]
-        for name in ("display", "exclusions"):
+        for name in ("display", "exclusions", "drills"):
             assert status[name].state == STATE_RUNNING
             assert status[name].position == head and status[name].lag == 0
             assert status[name].last_error is None and status[name].error_position is None
@@ -1093,20 +1096,22 @@ def test_wait_for_reports_views_behind_then_returns_once_projected(runtime: Runt
     with pytest.raises(ViewsBehind) as behind:
         q.wait_for(position, timeout=0.2)
     assert time.monotonic() - started < 2
-    assert str(behind.value) == (f"views behind position {position}: display at 0, exclusions at 0")
+    assert str(behind.value) == (
+        f"views behind position {position}: display at 0, drills at 0, exclusions at 0"
+    )
     q.wait_for(None, timeout=0)
     q.wait_for(0, timeout=0)
     runtime.projector.catch_up()
     q.wait_for(position, timeout=0.2)
     assert q.get_team(str(team.id), str(team.id))["name"] == "Alpha"
-    assert q.positions() == {"display": position, "exclusions": position}
+    assert q.positions() == {"display": position, "exclusions": position, "drills": position}
     with pytest.raises(ViewsBehind):
         q.wait_for(position + 1, timeout=0.05)
     status = status_of(runtime.projector)
     assert all(s.lag == s.head - s.position == 0 for s in status.values())
     _, beta = app.create_team("Beta")
     lags = [(s.lag, s.head - s.position) for s in runtime.projector.status()]
-    assert lags == [(beta - position, beta - position)] * 2 and beta - position == 2
+    assert lags == [(beta - position, beta - position)] * 3 and beta - position == 2
 
 
 def test_a_background_projector_lets_writers_read_their_own_writes(runtime: Runtime) -> None:
