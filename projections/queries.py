@@ -288,6 +288,24 @@ class DisplayQueries:
             )
         return _page(rows, limit, _exclusion, "exclusions", lambda r: [r[5], r[0]])
 
+    # ----------------------------------------------------------------- drills
+
+    def list_drills(self, cursor: str | None = None, limit: int = DEFAULT_LIMIT) -> Page:
+        """Restore drills, newest first."""
+        limit = check_limit(limit)
+        where, params = "1 = 1", []
+        if cursor:
+            where = "(recorded_at, drill_id) < (?, ?)"
+            params = decode_cursor(cursor, "drills", (str, str))
+        with self._read() as cur:
+            rows = cur.fetchall(
+                "SELECT drill_id, backup_id, passed, reason, recorded_at, position, report"
+                f" FROM view_drills WHERE {where}"
+                " ORDER BY recorded_at DESC, drill_id DESC LIMIT ?",
+                [*params, limit + 1],
+            )
+        return _page(rows, limit, _drill, "drills", lambda r: [r[4], r[0]])
+
     # ----------------------------------------------------------------- purges
 
     def teams_with_runs_started_before(self, moment: str) -> list[str]:
@@ -313,6 +331,18 @@ def _page(
     last = rows[limit - 1] if len(rows) > limit else None
     cursor = encode_cursor(kind, key_of(last)) if last is not None else None
     return Page([to_item(row) for row in rows[:limit]], cursor)
+
+
+def _drill(r: Row) -> dict[str, Any]:
+    return {
+        "id": r[0],
+        "backup_id": r[1],
+        "passed": bool(r[2]),
+        "reason": r[3],
+        "recorded_at": r[4],
+        "position": int(r[5]),
+        "report": json.loads(r[6]),
+    }
 
 
 def _exclusion(r: Row) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from retention.exclusions import exclude_plan
 from retention.keys import MasterKeyError
 from retention.stores import StoreError
 from service import schemas
-from service.backups import Backups
+from service.backups import Backups, NoBackup
 from service.body_limit import BodyLimit
 from service.idempotency import IdempotencyRefused, request_digest
 from service.metrics import Metrics
@@ -605,6 +605,46 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
 
         return await appending(request, principal, idempotency_key, 201, command)
 
+    @app.get("/v1/restore-drills", response_model=schemas.Page[schemas.DrillOut], responses=read)
+    async def list_drills(
+        principal: Annotated[Principal, Depends(principal_for("ops"))],
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_LIMIT,
+        after: After = None,
+    ) -> dict[str, Any]:
+        """Restore drills, newest first, with their reports."""
+        await wait(after)
+        page = await run_in_threadpool(queries.list_drills, cursor, limit)
+        return page.__dict__
+
+    @app.post(
+        "/v1/restore-drills", status_code=201, response_model=schemas.DrillRun, responses=created
+    )
+    async def run_drill(
+        request: Request,
+        body: schemas.DrillCreate,
+        principal: Annotated[Principal, Depends(principal_for("ops"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Run a restore drill now (on ``backup_id`` or the latest backup) and record it.
+
+        Answers 201 with the report whether the drill passed or not: ``passed``
+        says which, ``reason`` why not.
+        """
+
+        def command() -> dict[str, Any]:
+            side = backups()
+            report, position = side.drill(side.choose(body.backup_id))
+            return {
+                "backup_id": report.backup_id,
+                "passed": report.passed,
+                "reason": report.reason,
+                "report": report.as_dict(),
+                "position": position,
+            }
+
+        return await appending(request, principal, idempotency_key, 201, command)
+
     # -------------------------------------------------------- operations
 
     @app.get("/healthz", tags=["operations"])
@@ -731,6 +771,8 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "Views behind", str(error), headers={"Retry-After": "1"})
     if isinstance(error, DomainError):
         return Problem(400, "Bad request", str(error))
+    if isinstance(error, NoBackup):
+        return Problem(409, "No backup", str(error))
     if isinstance(error, (BackupFailed, StoreError, MasterKeyError)):
         return Problem(503, "Backup store unavailable", str(error), headers={"Retry-After": "30"})
     log.error("unexpected %s", type(error).__name__, exc_info=error)

@@ -63,6 +63,22 @@ class _ViewsCollector(Collector):
                     family.add_metric([job["job"]], moment)
         yield success
         yield failure
+        drill_passed = GaugeMetricFamily(
+            "resultsvc_restore_drill_passed", "1 when the latest restore drill passed, else 0"
+        )
+        drill_time = GaugeMetricFamily(
+            "resultsvc_restore_drill_timestamp_seconds", "When the latest restore drill ran"
+        )
+        try:
+            latest = self.runtime.queries.list_drills(None, 1).items
+        except Exception:
+            latest = []
+        if latest:
+            drill_passed.add_metric([], 1 if latest[0]["passed"] else 0)
+            recorded = datetime.fromisoformat(latest[0]["recorded_at"].replace("Z", "+00:00"))
+            drill_time.add_metric([], recorded.timestamp())
+        yield drill_passed
+        yield drill_time
 
 
 class Metrics:

@@ -216,3 +216,24 @@ class AccountUnlinked(Appended):
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(description="Cursor of the next page; null at the end")
+
+
+class DrillCreate(Strict):
+    backup_id: str | None = Field(default=None, max_length=64, description="Default: the latest")
+
+
+class DrillOut(BaseModel):
+    id: UUID
+    backup_id: str
+    passed: bool
+    reason: str
+    recorded_at: str
+    position: int
+    report: dict[str, Any]
+
+
+class DrillRun(Appended):
+    backup_id: str
+    passed: bool
+    reason: str
+    report: dict[str, Any]
