@@ -476,7 +476,6 @@ def restore_drill(backup_id: str | None, pick: str, as_json: bool) -> None:
     with _runtime() as runtime:
         backups = Backups.open(runtime)
         report, _ = backups.drill(backups.choose(backup_id, pick=pick))
-        runtime.projector.catch_up()
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
