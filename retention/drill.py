@@ -124,7 +124,13 @@ class RestoreDrill:
                     projector.ensure_schema()
                     report.views_rebuilt = len(projector.views)
                     projector.catch_up()
-                    failed = [s.view for s in projector.status() if s.state == "failed"]
+                    statuses = projector.status()
+                    failed = [s.view for s in statuses if s.state == "failed"]
+                    failed += [
+                        f"{s.view} (stopped at {s.position} of {s.head})"
+                        for s in statuses
+                        if s.state != "failed" and s.lag
+                    ]
                 finally:
                     projector.close()
                 if failed:
@@ -165,9 +171,11 @@ class RestoreDrill:
             folder = tempfile.mkdtemp(prefix="resultsvc-drill-")
             url = f"sqlite:///{folder}/scratch.db"
             app = self.open_app(url)
+            views = self.open_views(url)
             try:
-                yield app, self.open_views(url), f"sqlite scratch file in {folder}"
+                yield app, views, f"sqlite scratch file in {folder}"
             finally:
+                views.close()
                 app.close()
                 shutil.rmtree(folder, ignore_errors=True)
             return

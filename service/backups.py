@@ -6,10 +6,12 @@ Opened on demand (the display side needs none of it), from the settings.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from domain.errors import InvalidInput
 from retention.backup import BackupWriter
 from retention.catalog import Catalog
 from retention.drill import DrillReport, RestoreDrill, scratch_server_for
@@ -19,6 +21,8 @@ from retention.reader import BackupReader
 from retention.stores import ObjectStore, open_store
 from service.database import open_application, view_database
 from service.runtime import Runtime
+
+BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}([0-9]{6})?Z-[0-9a-f]{8}")
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Backups:
     def choose(self, backup_id: str | None = None, *, pick: str = "latest") -> str:
         """The backup a drill is about: named, the latest, or one at random."""
         if backup_id is not None:
+            if not BACKUP_ID.fullmatch(backup_id):
+                raise InvalidInput("backup_id", "is not a backup id (see `resultsvc backup list`)")
             return backup_id
         ids = self.catalog.ids()
         if not ids:

@@ -219,7 +219,11 @@ class Page(BaseModel, Generic[T]):
 
 
 class DrillCreate(Strict):
-    backup_id: str | None = Field(default=None, max_length=64, description="Default: the latest")
+    backup_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]{8}T[0-9]{6}([0-9]{6})?Z-[0-9a-f]{8}$",
+        description="Default: the latest",
+    )
 
 
 class DrillOut(BaseModel):

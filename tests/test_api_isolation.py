@@ -86,6 +86,8 @@ ROUTES = [
     Route("GET", "/v1/backup-exclusions", _scopes("compliance", "ops")),
     Route("GET", "/v1/backups", _scopes("ops")),
     Route("POST", "/v1/backups", _scopes("ops"), lambda ids: {"full": False}),
+    Route("GET", "/v1/restore-drills", _scopes("ops")),
+    Route("POST", "/v1/restore-drills", _scopes("ops"), lambda ids: {}),
     Route(
         "POST",
         "/v1/display-purges",
@@ -472,6 +474,25 @@ def test_token_without_the_scope_is_403(world: World, route: Route) -> None:
     allowed = sorted(route.scopes)[0]
     served = _call(world, route, ids, tokens[allowed])
     assert served.status_code not in (401, 403), served.text
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_restore_drills_are_for_ops_only(world: World, method: str) -> None:
+    """No team token, whatever its scopes, lists or runs drills; ops does both."""
+    route = BY_LABEL[f"{method} /v1/restore-drills"]
+    head = world.head()
+    for side in (world.a, world.b):
+        for name, token in side.tokens.items():
+            body = _assert_problem(_call(world, route, side.ids, token), 403)
+            assert "scope ops" in body["detail"], name
+    assert world.head() == head, "a refused drill request appended to the log"
+    served = _call(world, route, world.a.ids, world.ops)
+    if method == "GET":
+        assert served.status_code == 200, served.text
+        assert set(served.json()) == {"items", "next_cursor"}
+    else:  # a drill ran (201) or there is no backup yet (409); either way an answer for ops
+        assert served.status_code in (201, 409), served.text
+        assert world.head() == head + (1 if served.status_code == 201 else 0)
 
 
 @pytest.mark.parametrize(("method", "path"), PUBLIC)

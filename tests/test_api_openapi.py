@@ -35,6 +35,7 @@ import service.api
 from domain import findings as rules
 from domain.application import MAX_ERROR, MAX_NAME, MAX_REASON, MAX_TICKET
 from service.api import create_app
+from service.backups import Backups
 from service.runtime import Runtime
 from service.samples import findings
 from service.settings import Settings
@@ -62,6 +63,8 @@ OPERATIONS = [
     ("POST", "/v1/display-purges"),
     ("GET", "/v1/backups"),
     ("POST", "/v1/backups"),
+    ("GET", "/v1/restore-drills"),
+    ("POST", "/v1/restore-drills"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -77,6 +80,7 @@ class Served:
     ids: dict[str, str]
     ops: str
     team: str
+    backup: str
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +111,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         app_.request_backup_exclusion(
             team.id, excluded.id, reason="asked", ticket="T-1", actor="test"
         )
+        # A backup, so POST /v1/restore-drills reaches a drill, not only 409 "No backup".
+        backup = Backups.open(runtime).writer.run(full=True).info.id
         runtime.projector.catch_up()
         app = create_app(runtime)
         with TestClient(app) as client:
@@ -125,6 +131,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             },
             runtime.tokens.create(None, frozenset({"ops"})),
             runtime.tokens.create(str(team.id), frozenset({"ingest", "read", "compliance"})),
+            backup,
         )
     finally:
         runtime.close()
@@ -167,7 +174,7 @@ def test_every_route_is_documented(served: Served) -> None:
     }
     documented = {(method, path) for method, path, _ in _operations(served.document)}
     assert routes == documented
-    assert len(routes) >= 19
+    assert len(routes) >= 23
 
 
 def _appends(method: str, path: str) -> bool:
@@ -341,8 +348,12 @@ def _valid_body(method: str, path: str, ids: dict[str, str]) -> Any:
         ("POST", "/v1/runs/{run}/results"): {"results": list(findings(3, seed=9))},
         ("POST", "/v1/teams"): {"name": "fuzzed"},
         ("POST", "/v1/display-purges"): {"older_than": "30d"},
+        ("POST", "/v1/restore-drills"): {},  # the latest backup
     }
     return bodies.get((method, path))
+
+
+OPS_ONLY = {"/v1/teams", "/v1/restore-drills"}
 
 
 CHECKS = [
@@ -370,7 +381,7 @@ def test_schemathesis_finds_nothing(served: Served, fuzzed: Any, method: str, pa
     body = _valid_body(method, path, served.ids)
     if body is not None:
         valid = operation.as_strategy(GenerationMode.POSITIVE, path_parameters=real, body=body)
-        token = served.ops if path == "/v1/teams" else served.team
+        token = served.ops if path in OPS_ONLY else served.team
         cases.append(st.tuples(valid, st.just(token)))
     statuses: list[int] = []
 
@@ -414,3 +425,20 @@ def test_schemathesis_reaches_success_answers(served: Served) -> None:
         )
     assert missing.status_code == 404
     assert missing.headers["content-type"] == PROBLEM
+
+
+def test_schemathesis_ran_passing_restore_drills(served: Served) -> None:
+    """The valid drill requests ran real drills of real backups, and they passed."""
+    runtime = served.runtime
+    runtime.projector.catch_up()
+    drills = runtime.queries.list_drills(None, 1000).items
+    backups = set(Backups.open(runtime).catalog.ids())
+    assert served.backup in backups
+    passed = [item for item in drills if item["passed"]]
+    assert passed, sorted({item["reason"] for item in drills})
+    for item in passed:
+        assert item["backup_id"] in backups
+        assert item["report"]["events_restored"] > 0
+        assert item["report"]["mismatches"] == []
+    # Every drill the fuzzer asked for was recorded, and none failed for want of a real cause.
+    assert all(item["reason"] for item in drills if not item["passed"])
