@@ -246,70 +246,74 @@ class DisplayView:
         # Other events (batch markers, External ID claims) change nothing on display.
 
 
-class ExclusionsView:
+class _OneTopicView:
+    """A view fed by one topic: one INSERT per event, each failure naming its event."""
+
+    topic: str
+
+    def insert(self, event: Any, position: int, suffix: str) -> tuple[str, list[Any]]:
+        raise NotImplementedError
+
+    def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
+        for position, topic, event in page:
+            if topic != self.topic:
+                continue
+            try:
+                cur.execute(*self.insert(event, position, suffix))
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as error:
+                raise EventNotProjectable(
+                    f"{topic} at position {position}: {type(error).__name__}: {error}"
+                ) from error
+
+
+class ExclusionsView(_OneTopicView):
     """The backup exclusions compliance asked for: who, when, why, which ticket."""
 
     name = "exclusions"
     tables = EXCLUSION_TABLES
-    topics = frozenset({"resultsvc/Plan/BackupExclusionRequested"})
+    topic = "resultsvc/Plan/BackupExclusionRequested"
+    topics = frozenset({topic})
 
-    def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
-        for position, topic, event in page:
-            if topic != "resultsvc/Plan/BackupExclusionRequested":
-                continue
-            try:
-                cur.execute(
-                    f"INSERT INTO view_exclusions{suffix} (plan_id, team_id, reason, ticket,"
-                    " requested_by, requested_at, position) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        str(event.originator_id),
-                        str(event.team_id),
-                        event.reason,
-                        event.ticket,
-                        event.requested_by,
-                        iso(event.timestamp),
-                        position,
-                    ],
-                )
-            except TRANSIENT_ERRORS:
-                raise
-            except Exception as error:
-                raise EventNotProjectable(
-                    f"{topic} at position {position}: {type(error).__name__}: {error}"
-                ) from error
+    def insert(self, event: Any, position: int, suffix: str) -> tuple[str, list[Any]]:
+        return (
+            f"INSERT INTO view_exclusions{suffix} (plan_id, team_id, reason, ticket,"
+            " requested_by, requested_at, position) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                str(event.originator_id),
+                str(event.team_id),
+                event.reason,
+                event.ticket,
+                event.requested_by,
+                iso(event.timestamp),
+                position,
+            ],
+        )
 
 
-class DrillsView:
+class DrillsView(_OneTopicView):
     """The restore drills: when, which backup, passed or why not, the whole report."""
 
     name = "drills"
     tables = DRILL_TABLES
-    topics = frozenset({"resultsvc/RestoreDrill/Recorded"})
+    topic = "resultsvc/RestoreDrill/Recorded"
+    topics = frozenset({topic})
 
-    def apply(self, cur: Cursor, page: Page, suffix: str = "") -> None:
-        for position, topic, event in page:
-            if topic != "resultsvc/RestoreDrill/Recorded":
-                continue
-            try:
-                cur.execute(
-                    f"INSERT INTO view_drills{suffix} (drill_id, backup_id, passed, reason,"
-                    " recorded_at, position, report) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        str(event.originator_id),
-                        event.backup_id,
-                        int(bool(event.passed)),
-                        event.reason,
-                        iso(event.timestamp),
-                        position,
-                        orjson.dumps(event.report).decode(),
-                    ],
-                )
-            except TRANSIENT_ERRORS:
-                raise
-            except Exception as error:
-                raise EventNotProjectable(
-                    f"{topic} at position {position}: {type(error).__name__}: {error}"
-                ) from error
+    def insert(self, event: Any, position: int, suffix: str) -> tuple[str, list[Any]]:
+        return (
+            f"INSERT INTO view_drills{suffix} (drill_id, backup_id, passed, reason,"
+            " recorded_at, position, report) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                str(event.originator_id),
+                event.backup_id,
+                int(bool(event.passed)),
+                event.reason,
+                iso(event.timestamp),
+                position,
+                orjson.dumps(event.report).decode(),
+            ],
+        )
 
 
 ALL_VIEWS: tuple[View, ...] = (DisplayView(), ExclusionsView(), DrillsView())
