@@ -28,7 +28,13 @@ import psycopg
 from psycopg import sql as pgsql
 
 from domain.application import ResultsApp
-from projections.schema import TRACKING_DDL, create_tables, drop_tables, swap_tables
+from projections.schema import (
+    TRACKING_DDL,
+    create_indexes,
+    create_tables,
+    drop_tables,
+    swap_tables,
+)
 from projections.sqlstore import TRANSIENT_ERRORS, Cursor, ViewDatabase
 from projections.views import ALL_VIEWS, PASS_THROUGH, EventNotProjectable, View
 
@@ -311,14 +317,16 @@ class Projector:
         Readers keep the old tables until the swap, which happens in one
         transaction holding the view's tracking row, so the live projector
         can neither write the old tables meanwhile nor skip an event after.
-        Returns the position the rebuilt view reached.
+        The fresh tables are loaded without their secondary indexes, which are
+        built once the bulk of the log is in (much faster than maintaining
+        them row by row). Returns the position the rebuilt view reached.
         """
         suffix = f"_rb{secrets.token_hex(3)}"
         conn = self.db.connect()
         try:
             with self.db.transaction(conn) as cur:
                 drop_tables(cur, view.tables, suffix)
-                create_tables(cur, view.tables, suffix)
+                create_tables(cur, view.tables, suffix, indexes=False)
             position, count = 0, -1
             while count != 0:  # catch up page by page without blocking the live projector
                 with self.db.transaction(conn) as cur:
@@ -327,6 +335,8 @@ class Projector:
                     )
                 if progress is not None:
                     progress(position)
+            with self.db.transaction(conn) as cur:
+                create_indexes(cur, view.tables, suffix)
             with self._lock, self.db.transaction(conn) as cur:
                 self._tracking(cur, view.name, lock=True)
                 count = -1

@@ -91,16 +91,20 @@ EXCLUSION_TABLES: tuple[Table, ...] = (
 )
 
 
-def ddl(table: Table, dialect: str, suffix: str = "") -> list[str]:
-    """CREATE statements for a table and its indexes."""
+def ddl(table: Table, dialect: str, suffix: str = "", *, indexes: bool = True) -> list[str]:
+    """CREATE statements for a table and (unless told otherwise) its indexes."""
     collate = ' COLLATE "C"' if dialect == "postgresql" else ""
-    token = secrets.token_hex(3)
     statements = [f"CREATE TABLE {table.name}{suffix} ({table.columns.format(C=collate)})"]
-    for number, columns in enumerate(table.indexes):
-        statements.append(
-            f"CREATE INDEX ix_{table.name}_{number}_{token} ON {table.name}{suffix} ({columns})"
-        )
-    return statements
+    return statements + (index_ddl(table, suffix) if indexes else [])
+
+
+def index_ddl(table: Table, suffix: str = "") -> list[str]:
+    """CREATE INDEX statements; a random token keeps names unique across rebuilds."""
+    token = secrets.token_hex(3)
+    return [
+        f"CREATE INDEX ix_{table.name}_{number}_{token} ON {table.name}{suffix} ({columns})"
+        for number, columns in enumerate(table.indexes)
+    ]
 
 
 def table_exists(cur: Cursor, name: str) -> bool:
@@ -115,12 +119,21 @@ def table_exists(cur: Cursor, name: str) -> bool:
     return row is not None
 
 
-def create_tables(cur: Cursor, tables: tuple[Table, ...], suffix: str = "") -> None:
+def create_tables(
+    cur: Cursor, tables: tuple[Table, ...], suffix: str = "", *, indexes: bool = True
+) -> None:
     """Create the tables (and their indexes) that do not exist yet."""
     for table in tables:
         if not table_exists(cur, table.name + suffix):
-            for statement in ddl(table, cur.db.dialect, suffix):
+            for statement in ddl(table, cur.db.dialect, suffix, indexes=indexes):
                 cur.execute(statement)
+
+
+def create_indexes(cur: Cursor, tables: tuple[Table, ...], suffix: str = "") -> None:
+    """The secondary indexes of tables created without them (a bulk load is done)."""
+    for table in tables:
+        for statement in index_ddl(table, suffix):
+            cur.execute(statement)
 
 
 def drop_tables(cur: Cursor, tables: tuple[Table, ...], suffix: str = "") -> None:

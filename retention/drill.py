@@ -123,7 +123,8 @@ class RestoreDrill:
                 try:
                     projector.ensure_schema()
                     report.views_rebuilt = len(projector.views)
-                    projector.catch_up()
+                    for view in projector.views:  # the bulk path: indexes built after the load
+                        projector.rebuild(view)
                     statuses = projector.status()
                     failed = [s.view for s in statuses if s.state == "failed"]
                     failed += [
