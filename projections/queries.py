@@ -26,6 +26,11 @@ from projections.views import SEVERITY_COLUMNS, STATUS_COLUMNS
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_CURSOR_INT = 2**62
+_ACCOUNT_COLUMNS = (
+    "account_id, team_id, role_arn, aws_account_id, method, verified, linked,"
+    " linked_at, unlinked_at"
+)
+_PLAN_COLUMNS = "plan_id, team_id, account_id, name, created_at, backup_excluded, latest_run_id"
 _RUN_COLUMNS = (
     "run_id, plan_id, team_id, status, started_at, finished_at, error, total, "
     + ", ".join(SEVERITY_COLUMNS.values())
@@ -157,8 +162,7 @@ class DisplayQueries:
             params += key
         with self._read() as cur:
             rows = cur.fetchall(
-                "SELECT account_id, team_id, role_arn, aws_account_id, method, verified, linked,"
-                f" linked_at, unlinked_at FROM view_accounts WHERE {where}"
+                f"SELECT {_ACCOUNT_COLUMNS} FROM view_accounts WHERE {where}"
                 " ORDER BY linked_at, account_id LIMIT ?",
                 [*params, limit + 1],
             )
@@ -167,8 +171,7 @@ class DisplayQueries:
     def get_account(self, team_id: str | None, ident: str) -> dict[str, Any]:
         with self._read() as cur:
             row = cur.fetchone(
-                "SELECT account_id, team_id, role_arn, aws_account_id, method, verified, linked,"
-                " linked_at, unlinked_at FROM view_accounts WHERE account_id = ?",
+                f"SELECT {_ACCOUNT_COLUMNS} FROM view_accounts WHERE account_id = ?",
                 [ident],
             )
         if row is None or (team_id is not None and row[1] != team_id):
@@ -188,8 +191,7 @@ class DisplayQueries:
             params += decode_cursor(cursor, "plans", (str, str))
         with self._read() as cur:
             rows = cur.fetchall(
-                "SELECT plan_id, team_id, account_id, name, created_at, backup_excluded,"
-                f" latest_run_id FROM view_plans WHERE {where}"
+                f"SELECT {_PLAN_COLUMNS} FROM view_plans WHERE {where}"
                 " ORDER BY created_at, plan_id LIMIT ?",
                 [*params, limit + 1],
             )
@@ -198,8 +200,7 @@ class DisplayQueries:
     def get_plan(self, team_id: str | None, ident: str) -> dict[str, Any]:
         with self._read() as cur:
             row = cur.fetchone(
-                "SELECT plan_id, team_id, account_id, name, created_at, backup_excluded,"
-                " latest_run_id FROM view_plans WHERE plan_id = ?",
+                f"SELECT {_PLAN_COLUMNS} FROM view_plans WHERE plan_id = ?",
                 [ident],
             )
         if row is None or (team_id is not None and row[1] != team_id):
