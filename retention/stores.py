@@ -152,6 +152,16 @@ def open_store(url: str) -> ObjectStore:
     )
 
 
+def write_whole(writer: ObjectWriter, data: bytes) -> ObjectInfo:
+    """``put`` on every store: one write through its own writer, aborted on failure."""
+    try:
+        writer.write(data)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
 def check_key(key: str) -> str:
     """Refuse keys that could escape the store or mean different things on S3 and on disk.
 
@@ -261,13 +271,7 @@ class FileStore:
         return _FileWriter(self, key, self.path(key))
 
     def put(self, key: str, data: bytes, *, retain_until: datetime | None = None) -> ObjectInfo:
-        writer = self.writer(key, retain_until=retain_until)
-        try:
-            writer.write(data)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.close()
+        return write_whole(self.writer(key, retain_until=retain_until), data)
 
     def get(self, key: str) -> bytes:
         try:
@@ -626,13 +630,7 @@ class S3Store:
         return _S3Writer(self, key, full, self.lock_params(retain_until))
 
     def put(self, key: str, data: bytes, *, retain_until: datetime | None = None) -> ObjectInfo:
-        writer = self.writer(key, retain_until=retain_until)
-        try:
-            writer.write(data)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.close()
+        return write_whole(self.writer(key, retain_until=retain_until), data)
 
     def get(self, key: str) -> bytes:
         full = self.full_key(key)
