@@ -102,7 +102,14 @@ class ResultsApp(Application[UUID]):
     # -------------------------------------------------------------- accounts
 
     def link_account_role(
-        self, team_id: UUID, role_arn: str, *, verified: bool, actor: str, method: str = "role"
+        self,
+        team_id: UUID,
+        role_arn: str,
+        *,
+        verified: bool,
+        actor: str,
+        method: str = "role",
+        profile: str | None = None,
     ) -> tuple[CloudAccount, int]:
         """Record a link to a customer account through a role the customer controls.
 
@@ -114,6 +121,8 @@ class ResultsApp(Application[UUID]):
         arn = parse_role_arn(role_arn)
         if method not in ("role", "access_keys"):
             raise InvalidInput("method", "must be 'role' or 'access_keys'")
+        if profile not in (None, "full", "audit"):
+            raise InvalidInput("profile", "must be 'full' or 'audit'")
         account = CloudAccount(
             team_id=team_id,
             role_arn=arn.arn,
@@ -121,6 +130,7 @@ class ResultsApp(Application[UUID]):
             method=method,
             verified=verified,
             linked_by=actor,
+            profile=profile,
         )
         return account, self._save(account)
 
@@ -131,6 +141,20 @@ class ResultsApp(Application[UUID]):
         actor = _text(actor, "actor", MAX_NAME)
         account = self.get_account(team_id, account_id)
         account.unlink(unlinked_by=actor)
+        return Appended(account.id, self._save(account))
+
+    def record_account_access(
+        self, team_id: UUID, account_id: UUID, *, ok: bool, reason: str, actor: str
+    ) -> Appended | None:
+        """Record the outcome of a role check when it changes the account's access.
+
+        None when nothing changed (still fine, or still lost), so a daily job
+        appends events only on the days something happened.
+        """
+        reason = _text(reason, "reason", MAX_REASON) if reason else ""
+        account = self.get_account(team_id, account_id)
+        if not account.record_access_check(ok=ok, reason=reason, checked_by=actor):
+            return None
         return Appended(account.id, self._save(account))
 
     # ----------------------------------------------------------------- plans

@@ -73,6 +73,11 @@ class ExternalIdClaim(Aggregate):
         self.team_id = team_id
 
 
+ACCESS_OK = "ok"
+ACCESS_LOST = "lost"
+ACCESS_UNVERIFIED = "unverified"
+
+
 class CloudAccount(Aggregate):
     """A customer's AWS account, reachable only through a role the customer controls."""
 
@@ -93,6 +98,7 @@ class CloudAccount(Aggregate):
         method: str,
         verified: bool,
         linked_by: str,
+        profile: str | None = None,
     ) -> None:
         self.team_id = team_id
         self.role_arn = role_arn
@@ -100,7 +106,9 @@ class CloudAccount(Aggregate):
         self.method = method
         self.verified = verified
         self.linked_by = linked_by
+        self.profile = profile
         self.linked = True
+        self.access = ACCESS_OK if verified else ACCESS_UNVERIFIED
 
     def unlink(self, unlinked_by: str) -> None:
         """Record that the service must no longer use this account."""
@@ -111,6 +119,38 @@ class CloudAccount(Aggregate):
     @event("Unlinked", topic="resultsvc/CloudAccount/Unlinked")
     def _unlink(self, unlinked_by: str) -> None:
         self.linked = False
+
+    def record_access_check(self, ok: bool, reason: str, checked_by: str) -> bool:
+        """Record a change in whether the role can be assumed; False when nothing changed.
+
+        Only changes are events: a daily check of a hundred healthy accounts
+        appends nothing, a lost role appends one ``AccessLost`` however many
+        days it stays lost, and the first success after it one ``AccessRestored``.
+        """
+        if not self.linked:
+            raise Conflict(f"account {self.id} is unlinked; its access is no longer checked")
+        if ok and self.access == ACCESS_LOST:
+            self._access_restored(team_id=self.team_id, checked_by=checked_by)
+        elif ok and self.access == ACCESS_UNVERIFIED:
+            self._access_verified(team_id=self.team_id, checked_by=checked_by)
+        elif not ok and self.access != ACCESS_LOST:
+            self._access_lost(team_id=self.team_id, reason=reason, checked_by=checked_by)
+        else:
+            return False
+        return True
+
+    @event("AccessLost", topic="resultsvc/CloudAccount/AccessLost")
+    def _access_lost(self, team_id: UUID, reason: str, checked_by: str) -> None:
+        self.access = ACCESS_LOST
+
+    @event("AccessRestored", topic="resultsvc/CloudAccount/AccessRestored")
+    def _access_restored(self, team_id: UUID, checked_by: str) -> None:
+        self.access = ACCESS_OK
+
+    @event("AccessVerified", topic="resultsvc/CloudAccount/AccessVerified")
+    def _access_verified(self, team_id: UUID, checked_by: str) -> None:
+        self.access = ACCESS_OK
+        self.verified = True
 
 
 class Plan(Aggregate):

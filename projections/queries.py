@@ -28,7 +28,7 @@ MAX_LIMIT = 1000
 MAX_CURSOR_INT = 2**62
 _ACCOUNT_COLUMNS = (
     "account_id, team_id, role_arn, aws_account_id, method, verified, linked,"
-    " linked_at, unlinked_at"
+    " linked_at, unlinked_at, linked_by, profile, access, access_reason, access_changed_at"
 )
 _PLAN_COLUMNS = "plan_id, team_id, account_id, name, created_at, backup_excluded, latest_run_id"
 _RUN_COLUMNS = (
@@ -177,6 +177,25 @@ class DisplayQueries:
         if row is None or (team_id is not None and row[1] != team_id):
             raise NotFound("account", ident)
         return _account(row)
+
+    def linked_accounts(self) -> list[tuple[str, str, str]]:
+        """(team, account, role ARN) of every linked account, for the daily role check."""
+        with self._read() as cur:
+            rows = cur.fetchall(
+                "SELECT team_id, account_id, role_arn FROM view_accounts WHERE linked = 1"
+                " ORDER BY team_id, account_id"
+            )
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def account_access_counts(self) -> dict[str, int]:
+        """Linked accounts by access state (ok, lost, unverified), for /metrics."""
+        counts = {"ok": 0, "lost": 0, "unverified": 0}
+        with self._read() as cur:
+            for access, count in cur.fetchall(
+                "SELECT access, COUNT(*) FROM view_accounts WHERE linked = 1 GROUP BY access"
+            ):
+                counts[str(access)] = int(count)
+        return counts
 
     # ------------------------------------------------------------------ plans
 
@@ -369,6 +388,11 @@ def _account(r: Row) -> dict[str, Any]:
         "linked": bool(r[6]),
         "linked_at": r[7],
         "unlinked_at": r[8],
+        "linked_by": r[9],
+        "profile": r[10],
+        "access": r[11],
+        "access_reason": r[12],
+        "access_changed_at": r[13],
     }
 
 

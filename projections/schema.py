@@ -45,7 +45,9 @@ DISPLAY_TABLES: tuple[Table, ...] = (
         "view_accounts",
         "account_id TEXT{C} PRIMARY KEY, team_id TEXT{C} NOT NULL, role_arn TEXT NOT NULL,"
         " aws_account_id TEXT NOT NULL, method TEXT NOT NULL, verified INTEGER NOT NULL,"
-        " linked INTEGER NOT NULL, linked_at TEXT{C} NOT NULL, unlinked_at TEXT",
+        " linked INTEGER NOT NULL, linked_at TEXT{C} NOT NULL, unlinked_at TEXT,"
+        " linked_by TEXT NOT NULL DEFAULT '', profile TEXT,"
+        " access TEXT NOT NULL DEFAULT 'ok', access_reason TEXT, access_changed_at TEXT",
         ("team_id, linked_at, account_id",),
     ),
     Table(

@@ -109,6 +109,13 @@ class EventNotProjectable(Exception):
 PASS_THROUGH: tuple[type[BaseException], ...] = (EventNotProjectable, *TRANSIENT_ERRORS)
 
 
+_ACCESS_AFTER = {
+    "resultsvc/CloudAccount/AccessLost": "lost",
+    "resultsvc/CloudAccount/AccessRestored": "ok",
+    "resultsvc/CloudAccount/AccessVerified": "ok",
+}
+
+
 class DisplayView:
     """Teams, accounts, plans (with their latest run), runs with counts, results."""
 
@@ -119,6 +126,9 @@ class DisplayView:
             "resultsvc/Team/Created",
             "resultsvc/CloudAccount/Linked",
             "resultsvc/CloudAccount/Unlinked",
+            "resultsvc/CloudAccount/AccessLost",
+            "resultsvc/CloudAccount/AccessRestored",
+            "resultsvc/CloudAccount/AccessVerified",
             "resultsvc/Plan/Created",
             "resultsvc/Plan/BackupExclusionRequested",
             "resultsvc/PlanRun/Started",
@@ -204,7 +214,8 @@ class DisplayView:
         elif topic == "resultsvc/CloudAccount/Linked":
             cur.execute(
                 f"INSERT INTO view_accounts{s} (account_id, team_id, role_arn, aws_account_id,"
-                " method, verified, linked, linked_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                " method, verified, linked, linked_at, linked_by, profile, access)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                 [
                     ident,
                     str(event.team_id),
@@ -213,12 +224,28 @@ class DisplayView:
                     event.method,
                     int(bool(event.verified)),
                     at,
+                    event.linked_by,
+                    getattr(event, "profile", None),
+                    "ok" if event.verified else "unverified",
                 ],
             )
         elif topic == "resultsvc/CloudAccount/Unlinked":
             cur.execute(
                 f"UPDATE view_accounts{s} SET linked = 0, unlinked_at = ? WHERE account_id = ?",
                 [at, ident],
+            )
+        elif topic in _ACCESS_AFTER:
+            cur.execute(
+                f"UPDATE view_accounts{s} SET access = ?, access_reason = ?,"
+                " access_changed_at = ?, verified = CASE WHEN ? = 'ok' THEN 1 ELSE verified END"
+                " WHERE account_id = ?",
+                [
+                    _ACCESS_AFTER[topic],
+                    getattr(event, "reason", None),
+                    at,
+                    _ACCESS_AFTER[topic],
+                    ident,
+                ],
             )
         elif topic == "resultsvc/Plan/Created":
             cur.execute(

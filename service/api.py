@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -47,6 +47,7 @@ from retention.exclusions import exclude_plan
 from retention.keys import MasterKeyError
 from retention.stores import StoreError
 from service import schemas
+from service.account_link import AccessKeys, AwsUnavailable, LinkNotConfigured, LinkRefused
 from service.backups import Backups, NoBackup
 from service.body_limit import BodyLimit
 from service.idempotency import IdempotencyRefused, request_digest
@@ -154,11 +155,17 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         key: str | None,
         status: int,
         command: Callable[[], dict[str, Any]],
+        fingerprint: bytes | None = None,
     ) -> Response:
-        """Run an appending command once per Idempotency-Key; answer JSON with its position."""
+        """Run an appending command once per Idempotency-Key; answer JSON with its position.
+
+        ``fingerprint`` replaces the body in the Idempotency-Key digest where
+        the body holds secrets that must not be hashed into a stored row.
+        """
         scope = principal.team_id or "ops"
         if key is not None:
-            digest = request_digest(request.method, request.url.path, await request.body())
+            body = fingerprint if fingerprint is not None else await request.body()
+            digest = request_digest(request.method, request.url.path, body)
             replay = await run_in_threadpool(runtime.idempotency.begin, scope, key, digest)
             if replay is not None:
                 media = PROBLEM_MEDIA_TYPE if replay.status >= 400 else "application/json"
@@ -278,6 +285,52 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
             queries.list_accounts, principal.team_id, str(team), cursor, limit
         )
         return page.__dict__
+
+    @app.post(
+        "/v1/teams/{team}/accounts",
+        status_code=201,
+        response_model=schemas.AccountLinked,
+        responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    )
+    async def link_account(
+        request: Request,
+        team: UUID,
+        body: Annotated[schemas.AccountLink, Body()],
+        principal: Annotated[Principal, Depends(principal_for("ingest", "ops"))],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        """Link a customer's AWS account to the team, by role or with access keys used once.
+
+        ``role``: the customer made a role trusting our principal with the
+        team's External ID; it is assumed once to check it. ``access_keys``:
+        the service makes that role (and its policy) with the keys, checks it,
+        and forgets the keys: they are never stored, logged or echoed back.
+        Refusals (422) say what to change on the customer's side.
+        """
+        owner = UUID(team_of(principal, team))
+        links = runtime.accounts
+        fingerprint: bytes | None = None
+        if isinstance(body, schemas.AccessKeysLink):
+            keys_body = body
+            # The keys stay out of the Idempotency-Key digest and of every answer.
+            fingerprint = orjson.dumps({"method": body.method, "profile": body.profile})
+
+            def command() -> dict[str, Any]:
+                keys = AccessKeys(
+                    keys_body.access_key_id.get_secret_value(),
+                    keys_body.secret_access_key.get_secret_value(),
+                )
+                return links.link_with_keys(
+                    owner, keys, keys_body.profile, actor=principal.actor
+                ).as_dict()
+
+        else:
+            role_arn = body.role_arn
+
+            def command() -> dict[str, Any]:
+                return links.link_role(owner, role_arn, actor=principal.actor).as_dict()
+
+        return await appending(request, principal, idempotency_key, 201, command, fingerprint)
 
     @app.delete("/v1/accounts/{account}", response_model=schemas.AccountUnlinked, responses=created)
     async def unlink_account(
@@ -771,6 +824,17 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "Views behind", str(error), headers={"Retry-After": "1"})
     if isinstance(error, DomainError):
         return Problem(400, "Bad request", str(error))
+    if isinstance(error, LinkRefused):
+        return Problem(
+            422,
+            "Link refused",
+            f"{error.field}: {error.rule}",
+            errors=[{"field": error.field, "rule": error.rule}],
+        )
+    if isinstance(error, LinkNotConfigured):
+        return Problem(409, "Linking not configured", str(error))
+    if isinstance(error, AwsUnavailable):
+        return Problem(503, "AWS unavailable", str(error), headers={"Retry-After": "30"})
     if isinstance(error, NoBackup):
         return Problem(409, "No backup", str(error))
     if isinstance(error, (BackupFailed, StoreError, MasterKeyError)):

@@ -8,7 +8,6 @@ at 3 a.m., a traceback helps nobody.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -39,6 +38,8 @@ from retention.restore import RestoreRefused
 from retention.restore import restore as restore_chain
 from retention.stores import StoreError
 from retention.sweeper import sweep
+from service.account_link import AccessKeys, AwsUnavailable, LinkNotConfigured, LinkRefused
+from service.accounts import LinkOutcome
 from service.backups import Backups, NoBackup
 from service.database import (
     BadDatabaseUrl,
@@ -47,6 +48,7 @@ from service.database import (
     view_database,
 )
 from service.demo import demo_total_findings, run_demo
+from service.logs import LEVELS, configure_logging
 from service.runtime import Runtime
 from service.scheduler import JOBS, JobRunner, job_status, start_scheduler
 from service.settings import Settings
@@ -55,6 +57,13 @@ from service.tokens import parse_scopes
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILURE = 1
+LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(LEVELS),
+    default="info",
+    show_default=True,
+    help="Log level (AWS libraries stay at warning: they would print credentials).",
+)
 
 
 class _OneLineErrors(click.Group):
@@ -74,6 +83,9 @@ class _OneLineErrors(click.Group):
             BackupUnreadable,
             RestoreRefused,
             NoBackup,
+            LinkRefused,
+            LinkNotConfigured,
+            AwsUnavailable,
         ) as error:
             raise click.ClickException(
                 str(error).splitlines()[0] if str(error) else repr(error)
@@ -205,6 +217,121 @@ def teams_create(name: str, as_json: bool) -> None:
         click.echo(f"team {record['id']} {team.name!r} external_id={team.external_id}")
 
 
+@cli.group()
+def accounts() -> None:
+    """Customers' AWS accounts: link by role, or with access keys used once and forgotten."""
+
+
+def _print_link(outcome: LinkOutcome, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(outcome.as_dict(), default=str))
+        return
+    state = "verified" if outcome.verified else "NOT verified"
+    click.echo(
+        f"account {outcome.id} aws={outcome.aws_account_id} {outcome.role_arn}"
+        f" method={outcome.method} ({state})"
+    )
+    if outcome.notice:
+        click.echo(outcome.notice)
+
+
+@accounts.command("link-role")
+@click.argument("team_id", type=click.UUID)
+@click.argument("role_arn")
+@click.option("--json", "as_json", is_flag=True, help="Print the link as JSON.")
+def accounts_link_role(team_id: UUID, role_arn: str, as_json: bool) -> None:
+    """Link the role ROLE_ARN, which the customer made, to team TEAM_ID.
+
+    The role must trust RESULTSVC_AWS_PRINCIPAL_ARN with the condition
+    sts:ExternalId = the team's External ID (`teams create` prints it). The
+    service assumes it once to check; without a principal configured the link
+    is recorded unverified and the command says so.
+    """
+    with _runtime() as runtime:
+        _print_link(runtime.accounts.link_role(team_id, role_arn, actor="cli"), as_json)
+
+
+@accounts.command("link-keys")
+@click.argument("team_id", type=click.UUID)
+@click.option(
+    "--profile",
+    type=click.Choice(["full", "audit"]),
+    default="full",
+    show_default=True,
+    help="full: allow * except iam:CreateUser; audit: the AWS managed SecurityAudit policy.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the link as JSON.")
+def accounts_link_keys(team_id: UUID, profile: str, as_json: bool) -> None:
+    """Create the team's role in a customer's account with their access keys, then forget them.
+
+    The key pair is asked for on the terminal (hidden) or read from stdin,
+    two lines: access key id, then secret. Never pass keys as arguments:
+    they would show in the process list and the shell history.
+    """
+    if sys.stdin.isatty():
+        key_id = click.prompt("Access key id", hide_input=True)
+        secret = click.prompt("Secret access key", hide_input=True)
+    else:
+        key_id, secret = (sys.stdin.readline().strip() for _ in range(2))
+    keys = AccessKeys(key_id, secret)
+    del key_id, secret
+    with _runtime() as runtime:
+        _print_link(runtime.accounts.link_with_keys(team_id, keys, profile, actor="cli"), as_json)
+
+
+@accounts.command("list")
+@click.argument("team_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="Print the accounts as JSON lines.")
+def accounts_list(team_id: UUID, as_json: bool) -> None:
+    """List team TEAM_ID's accounts with their access state (ok, lost, unverified)."""
+    with _runtime() as runtime:
+        runtime.projector.catch_up()
+        cursor: str | None = None
+        while True:
+            page = runtime.queries.list_accounts(None, str(team_id), cursor, 500)
+            for item in page.items:
+                if as_json:
+                    click.echo(json.dumps(item))
+                else:
+                    linked = "linked" if item["linked"] else "unlinked"
+                    reason = f" ({item['access_reason']})" if item["access_reason"] else ""
+                    click.echo(
+                        f"{item['id']} aws={item['aws_account_id']} {item['method']}"
+                        f" {linked} access={item['access']}{reason}"
+                    )
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+
+@accounts.command("unlink")
+@click.argument("account_id", type=click.UUID)
+def accounts_unlink(account_id: UUID) -> None:
+    """Unlink ACCOUNT_ID: recorded; new runs against it are refused from now on."""
+    with _runtime() as runtime:
+        runtime.projector.catch_up()
+        team = runtime.queries.get_account(None, str(account_id))["team_id"]
+        done = runtime.app.unlink_account(UUID(team), account_id, actor="cli")
+        click.echo(f"account {account_id} unlinked (position {done.position})")
+
+
+@accounts.command("check")
+def accounts_check() -> None:
+    """Assume every linked role now, as the daily job does; record losses and recoveries.
+
+    Exits non-zero when an account lost access or AWS could not be asked.
+    """
+    with _runtime() as runtime:
+        runtime.projector.catch_up()
+        report = runtime.accounts.check_all(actor="cli")
+        click.echo(str(report))
+        if report.lost or report.unchecked:
+            raise click.ClickException(
+                f"access lost: {', '.join(report.lost) or 'none'};"
+                f" not checked: {', '.join(report.unchecked) or 'none'}"
+            )
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
@@ -214,12 +341,24 @@ def teams_create(name: str, as_json: bool) -> None:
     help="Serve the API alone (run `resultsvc projections run` elsewhere).",
 )
 @click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
-def serve(host: str, port: int, no_projector: bool, no_scheduler: bool) -> None:
-    """Run the HTTP API (OpenAPI at /openapi.json) with the projector and the scheduler."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+@LOG_LEVEL
+def serve(host: str, port: int, no_projector: bool, no_scheduler: bool, log_level: str) -> None:
+    """Run the HTTP API (OpenAPI at /openapi.json) with the projector and the scheduler.
+
+    Requests are not logged one by one (no access log, never a body); errors
+    and job outcomes are.
+    """
+    configure_logging(log_level)
     from service.server import serve as run_server  # the web stack loads only for serve
 
-    run_server(_settings(), host, port, projector=not no_projector, scheduler=not no_scheduler)
+    run_server(
+        _settings(),
+        host,
+        port,
+        projector=not no_projector,
+        scheduler=not no_scheduler,
+        log_level=log_level,
+    )
 
 
 @cli.command()
@@ -229,14 +368,15 @@ def serve(host: str, port: int, no_projector: bool, no_scheduler: bool) -> None:
     type=click.Choice([spec.name for spec in JOBS]),
     help="Run this job once (for its current slot) and exit.",
 )
-def scheduler(run_now: str | None) -> None:
+@LOG_LEVEL
+def scheduler(run_now: str | None, log_level: str) -> None:
     """Run the scheduled jobs alone, without the API (until SIGTERM).
 
     Backups daily (full once the chain's full is a week old), retention sweep,
-    display retention, pending key shredding. Several replicas may run this:
-    each job runs once per slot.
+    display retention, pending key shredding, the daily check of every linked
+    account's role. Several replicas may run this: each job runs once per slot.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level)
     with _runtime() as runtime:
         if run_now is not None:
             spec = next(spec for spec in JOBS if spec.name == run_now)

@@ -79,6 +79,19 @@ class _ViewsCollector(Collector):
             drill_time.add_metric([], recorded.timestamp())
         yield drill_passed
         yield drill_time
+        access = GaugeMetricFamily(
+            "resultsvc_accounts_linked",
+            "Linked customer accounts by access state (lost: the daily check could not"
+            " assume the role)",
+            labels=["access"],
+        )
+        try:
+            counts = self.runtime.queries.account_access_counts()
+        except Exception:
+            counts = {}
+        for state, count in sorted(counts.items()):
+            access.add_metric([state], count)
+        yield access
 
 
 class Metrics:

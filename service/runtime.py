@@ -6,12 +6,14 @@ it when done; nothing else opens stores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from domain.application import ResultsApp
 from projections.projector import Projector
 from projections.queries import DisplayQueries
 from projections.sqlstore import ViewDatabase
+from service.account_link import AwsAccountLinker
+from service.accounts import AccountLinks
 from service.database import open_application, view_database
 from service.idempotency import IdempotencyStore
 from service.settings import Settings
@@ -27,6 +29,15 @@ class Runtime:
     queries: DisplayQueries
     tokens: TokenStore
     idempotency: IdempotencyStore
+    linker: AwsAccountLinker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.linker = AwsAccountLinker(self.settings.aws_principal_arn)
+
+    @property
+    def accounts(self) -> AccountLinks:
+        """Account linking and the daily role check, on this runtime's stores."""
+        return AccountLinks(self.app, self.queries, self.linker)
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:

@@ -7,10 +7,10 @@ CLI and the queue consumer), so their limits are written from its constants.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from domain import findings as rules
 from domain.application import MAX_ERROR, MAX_NAME, MAX_REASON, MAX_TICKET
@@ -29,6 +29,31 @@ class Strict(BaseModel):
 
 class TeamCreate(Strict):
     name: str = Field(min_length=1, max_length=MAX_NAME)
+
+
+class RoleLink(Strict):
+    """Link through a role the customer made, trusting our principal with the team's External ID."""
+
+    method: Literal["role"]
+    role_arn: str = Field(
+        min_length=1, max_length=2048, examples=["arn:aws:iam::123456789012:role/resultsvc"]
+    )
+
+
+class AccessKeysLink(Strict):
+    """Link by handing over an access key pair once: the service creates the role, then forgets
+    the keys. They are never stored, logged or echoed, not even in an error answer."""
+
+    method: Literal["access_keys"]
+    access_key_id: SecretStr = Field(min_length=16, max_length=128)
+    secret_access_key: SecretStr = Field(min_length=16, max_length=128)
+    profile: Literal["full", "audit"] = Field(
+        default="full",
+        description="full: allow * except iam:CreateUser; audit: the AWS managed SecurityAudit",
+    )
+
+
+AccountLink = Annotated[RoleLink | AccessKeysLink, Field(discriminator="method")]
 
 
 class PlanCreate(Strict):
@@ -106,6 +131,13 @@ class AccountOut(BaseModel):
     linked: bool
     linked_at: str
     unlinked_at: str | None
+    linked_by: str
+    profile: Literal["full", "audit"] | None
+    access: Literal["ok", "lost", "unverified"] = Field(
+        description="lost: the daily check could not assume the role (see access_reason)"
+    )
+    access_reason: str | None
+    access_changed_at: str | None = Field(description="When access was last lost or restored")
 
 
 class PlanOut(BaseModel):
@@ -207,6 +239,19 @@ class BackupTaken(BackupOut, Appended):
 
 class PurgeAccepted(Appended):
     purges: int = Field(description="Purge events recorded (one per team concerned)")
+
+
+class AccountLinked(Appended):
+    id: UUID
+    team_id: UUID
+    aws_account_id: str
+    role_arn: str
+    method: Literal["role", "access_keys"]
+    profile: Literal["full", "audit"] | None
+    verified: bool = Field(description="false when the service has no AWS principal configured")
+    notice: str | None = Field(
+        description="What the caller must do now (deactivate handed-over keys; verification off)"
+    )
 
 
 class AccountUnlinked(Appended):

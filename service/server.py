@@ -21,7 +21,13 @@ log = logging.getLogger("resultsvc.server")
 
 
 def serve(
-    settings: Settings, host: str, port: int, *, projector: bool = True, scheduler: bool = True
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    projector: bool = True,
+    scheduler: bool = True,
+    log_level: str = "info",
 ) -> None:
     """Serve until SIGTERM/SIGINT; the projector thread and the jobs stop with the server."""
     runtime = Runtime.open(settings)
@@ -36,7 +42,7 @@ def serve(
     try:
         app = create_app(runtime, projector_thread=thread)
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="info", access_log=False, lifespan="off"
+            app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off"
         )
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, restores the handlers
         # it found and raises the signal again. With these in place, that

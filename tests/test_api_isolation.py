@@ -62,6 +62,12 @@ ROUTES = [
     Route("POST", "/v1/teams", _scopes("ops"), lambda ids: {"name": "another team"}),
     Route("GET", "/v1/teams/{team}", READ),
     Route("GET", "/v1/teams/{team}/accounts", READ),
+    Route(
+        "POST",
+        "/v1/teams/{team}/accounts",
+        _scopes("ingest", "ops"),
+        lambda ids: {"method": "role", "role_arn": "arn:aws:iam::210987654321:role/audit"},
+    ),
     Route("DELETE", "/v1/accounts/{account}", _scopes("ingest", "ops")),
     Route(
         "POST",

@@ -209,6 +209,11 @@ def expected_account(app: ResultsApp, team: UUID, account_id: UUID) -> dict[str,
         "linked": account.linked,
         "linked_at": iso(account.created_on),
         "unlinked_at": None if account.linked else iso(account.modified_on),
+        "linked_by": account.linked_by,
+        "profile": account.profile,
+        "access": account.access,
+        "access_reason": None,
+        "access_changed_at": None,
     }
 
 

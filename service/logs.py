@@ -1,0 +1,22 @@
+"""Logging for the long-running commands: one format, and AWS libraries kept quiet.
+
+botocore logs every request it signs at DEBUG, Authorization header
+included, which names the access key. A customer's keys pass through
+botocore while an account is linked, so its loggers (and those of the HTTP
+libraries under it) never go below WARNING, whatever level is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LEVELS = ("debug", "info", "warning", "error")
+QUIET = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def configure_logging(level: str = "info") -> None:
+    """Set the root level and format; AWS libraries stay at WARNING or above."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
