@@ -30,6 +30,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from service.logs import quiet_aws_loggers
+
 ROLE_PREFIX = "resultsvc-"
 FULL_POLICY_NAME = "resultsvc-full-access"
 AUDIT_POLICY_NAME = "SecurityAudit"
@@ -87,7 +89,7 @@ class LinkRefused(Exception):
     """The customer's side does not allow the link; the message says what to change."""
 
     def __init__(self, field: str, rule: str) -> None:
-        super().__init__(rule)
+        super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
 
@@ -289,7 +291,10 @@ class AwsAccountLinker:
         if profile not in PROFILES:
             raise LinkRefused("profile", "must be 'full' or 'audit'")
         # The session and its two clients are the only holders of the keys;
-        # they are locals of this call and go with it.
+        # they are locals of this call and go with it. botocore must not log
+        # at DEBUG meanwhile (it prints the signed Authorization header),
+        # whoever configured logging in this process.
+        quiet_aws_loggers()
         session = boto3.session.Session(
             aws_access_key_id=keys.access_key_id,
             aws_secret_access_key=keys.secret_access_key,

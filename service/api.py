@@ -305,7 +305,10 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         team's External ID; it is assumed once to check it. ``access_keys``:
         the service makes that role (and its policy) with the keys, checks it,
         and forgets the keys: they are never stored, logged or echoed back.
-        Refusals (422) say what to change on the customer's side.
+        Refusals (422) say what to change on the customer's side. With
+        access keys, an Idempotency-Key covers the method and profile only
+        (the keys are not hashed into anything stored): retry with other
+        keys under a new Idempotency-Key.
         """
         owner = UUID(team_of(principal, team))
         links = runtime.accounts

@@ -18,5 +18,17 @@ QUIET = ("botocore", "boto3", "s3transfer", "urllib3")
 def configure_logging(level: str = "info") -> None:
     """Set the root level and format; AWS libraries stay at WARNING or above."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+    quiet_aws_loggers()
+
+
+def quiet_aws_loggers() -> None:
+    """Raise the AWS libraries' loggers to WARNING if anything set them lower.
+
+    Called by ``configure_logging`` and again by the code that holds a
+    customer's keys, so a process that set up logging some other way (an
+    embedding server, a test runner) still never logs signed requests.
+    """
     for name in QUIET:
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
