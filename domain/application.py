@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -33,6 +35,7 @@ from domain.model import (
     ExternalIdClaim,
     Plan,
     PlanRun,
+    Receipt,
     RestoreDrill,
     ResultBatch,
     RetentionSweep,
@@ -65,6 +68,31 @@ class ResultsAccepted:
     batch_no: int
     accepted: int
     position: int
+
+
+@dataclass(frozen=True)
+class ReceiptSpec:
+    scope: str
+    key: str
+    request_sha256: str
+    command: str
+
+
+class AlreadyApplied(Exception):
+    """This idempotency key was applied before; ``same_request`` says whether with this body."""
+
+    def __init__(self, scope: str, key: str, same_request: bool) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was applied before"
+            + ("" if same_request else " to another request")
+        )
+        self.scope = scope
+        self.key = key
+        self.same_request = same_request
+
+
+# The receipt the next save of this thread (or task) must carry; see ``receipted``.
+_pending_receipt: ContextVar[ReceiptSpec | None] = ContextVar("pending_receipt", default=None)
 
 
 class ResultsApp(Application[UUID]):
@@ -184,16 +212,27 @@ class ResultsApp(Application[UUID]):
 
     # ------------------------------------------------------------------ runs
 
-    def start_run(self, team_id: UUID, plan_id: UUID) -> tuple[PlanRun, int]:
-        """Start a run; refused when the plan's account has been unlinked."""
+    def start_run(
+        self, team_id: UUID, plan_id: UUID, run_id: UUID | None = None
+    ) -> tuple[PlanRun, int]:
+        """Start a run; refused when the plan's account has been unlinked.
+
+        ``run_id`` is chosen by senders that cannot read an answer (the queue);
+        an id already in use is refused.
+        """
         plan = self.get_plan(team_id, plan_id)
         account = self.get_account(team_id, plan.account_id)
         if not account.linked:
             raise Conflict(
                 f"account {account.id} of plan {plan_id} is unlinked; runs against it are refused"
             )
-        run = PlanRun(team_id=team_id, plan_id=plan_id, account_id=account.id)
-        return run, self._save(run)
+        run = PlanRun(team_id=team_id, plan_id=plan_id, account_id=account.id, run_id=run_id)
+        try:
+            return run, self._save(run)
+        except IntegrityError:
+            if run_id is None:
+                raise
+            raise Conflict(f"run id {run_id} is already in use; choose another") from None
 
     def get_run(self, team_id: UUID, run_id: UUID) -> PlanRun:
         return self._get(PlanRun, run_id, team_id, "run")
@@ -349,8 +388,49 @@ class ResultsApp(Application[UUID]):
         """The last position in the log (0 when empty)."""
         return self.recorder.max_notification_id() or 0
 
+    # -------------------------------------------------------------- receipts
+
+    @contextmanager
+    def receipted(self, scope: str, key: str, request_sha256: str, command: str) -> Iterator[None]:
+        """Apply the command run inside at most once for this scope and key.
+
+        The command's save carries a ``Receipt`` in the same transaction; a
+        key applied before raises ``AlreadyApplied`` (at once when the
+        receipt is already there, or from the save when a racing or earlier,
+        interrupted attempt committed first) and nothing is appended.
+        """
+        spec = ReceiptSpec(scope, key, request_sha256, command)
+        self._raise_if_applied(spec)
+        token = _pending_receipt.set(spec)
+        try:
+            yield
+        finally:
+            _pending_receipt.reset(token)
+
+    def _raise_if_applied(self, spec: ReceiptSpec) -> None:
+        try:
+            receipt: Any = self.repository.get(Receipt.create_id(spec.scope, spec.key))
+        except AggregateNotFoundError:
+            return
+        raise AlreadyApplied(spec.scope, spec.key, receipt.request_sha256 == spec.request_sha256)
+
     def _save(self, *aggregates: Aggregate) -> int:
-        recordings: list[Recording[UUID]] = self.save(*aggregates)
+        spec = _pending_receipt.get()
+        if spec is None:
+            recordings: list[Recording[UUID]] = self.save(*aggregates)
+            return recordings[-1].notification.id
+        receipt = Receipt(
+            scope=spec.scope,
+            key=spec.key,
+            request_sha256=spec.request_sha256,
+            command=spec.command,
+        )
+        try:
+            recordings = self.save(*aggregates, receipt)
+        except IntegrityError:
+            self._raise_if_applied(spec)  # the receipt won: applied before
+            raise  # another conflict (a concurrent writer on the run): the caller retries
+        _pending_receipt.set(None)  # one receipt per command
         return recordings[-1].notification.id
 
     def _get(self, cls: type[A], ident: UUID, team_id: UUID, kind: str) -> A:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.domain import Snapshot as BaseSnapshot
@@ -212,8 +212,15 @@ class PlanRun(Aggregate):
     class Created(Aggregate.Created):
         TOPIC = "resultsvc/PlanRun/Created"
 
+    @staticmethod
+    def create_id(run_id: UUID | None = None) -> UUID:
+        """A random id, or the one a queue sender chose (it cannot read an answer)."""
+        return run_id if run_id is not None else uuid4()
+
     @event("Started", topic="resultsvc/PlanRun/Started")
-    def __init__(self, team_id: UUID, plan_id: UUID, account_id: UUID) -> None:
+    def __init__(
+        self, team_id: UUID, plan_id: UUID, account_id: UUID, run_id: UUID | None = None
+    ) -> None:
         self.team_id = team_id
         self.plan_id = plan_id
         self.account_id = account_id
@@ -317,6 +324,38 @@ class DisplayPurge(Aggregate):
         self.team_id = team_id
         self.plan_id = plan_id
         self.started_before = started_before
+
+
+_RECEIPT_NAMESPACE = uuid5(NAMESPACE_URL, "resultsvc:receipt")
+
+
+class Receipt(Aggregate):
+    """An idempotency key, applied: saved in the same transaction as the command's events.
+
+    Its id is derived from the scope (the team) and the key, so a second
+    attempt to apply the same key fails on the event store's own uniqueness
+    constraint, whatever happened in between: a consumer killed after the
+    commit, a message delivered twice. Holds no command data, only a digest.
+    """
+
+    TOPIC = "resultsvc/Receipt"
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = "resultsvc/Receipt/Snapshot"
+
+    class Created(Aggregate.Created):
+        TOPIC = "resultsvc/Receipt/Created"
+
+    @staticmethod
+    def create_id(scope: str, key: str) -> UUID:
+        return uuid5(_RECEIPT_NAMESPACE, f"{scope}\n{key}")
+
+    @event("Recorded", topic="resultsvc/Receipt/Recorded")
+    def __init__(self, scope: str, key: str, request_sha256: str, command: str) -> None:
+        self.scope = scope
+        self.key = key
+        self.request_sha256 = request_sha256
+        self.command = command
 
 
 _BACKUP_NAMESPACE = uuid5(NAMESPACE_URL, "resultsvc:backup")
