@@ -7,6 +7,7 @@ at 3 a.m., a traceback helps nobody.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import sys
@@ -38,6 +39,7 @@ from retention.restore import RestoreRefused
 from retention.restore import restore as restore_chain
 from retention.stores import StoreError
 from retention.sweeper import sweep
+from service import queue_messages as messages
 from service.account_link import AccessKeys, AwsUnavailable, LinkNotConfigured, LinkRefused
 from service.accounts import LinkOutcome
 from service.backups import Backups, NoBackup
@@ -49,6 +51,8 @@ from service.database import (
 )
 from service.demo import demo_total_findings, run_demo
 from service.logs import LEVELS, configure_logging
+from service.queue_consumer import NoDeadLetterQueue, QueueConsumer
+from service.queue_sender import QueueSender, QueueUnavailable
 from service.runtime import Runtime
 from service.scheduler import JOBS, JobRunner, job_status, start_scheduler
 from service.settings import Settings
@@ -86,6 +90,9 @@ class _OneLineErrors(click.Group):
             LinkRefused,
             LinkNotConfigured,
             AwsUnavailable,
+            NoDeadLetterQueue,
+            QueueUnavailable,
+            messages.MessageRefused,
         ) as error:
             raise click.ClickException(
                 str(error).splitlines()[0] if str(error) else repr(error)
@@ -341,8 +348,28 @@ def accounts_check() -> None:
     help="Serve the API alone (run `resultsvc projections run` elsewhere).",
 )
 @click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
+@click.option(
+    "--consume",
+    "consume_url",
+    metavar="QUEUE_URL",
+    help="Also apply messages from this SQS queue (see `resultsvc consume`).",
+)
+@click.option(
+    "--dead-letter-queue",
+    "dead_letter_url",
+    metavar="URL",
+    help="With --consume: where refused messages go (default: the redrive policy's).",
+)
 @LOG_LEVEL
-def serve(host: str, port: int, no_projector: bool, no_scheduler: bool, log_level: str) -> None:
+def serve(
+    host: str,
+    port: int,
+    no_projector: bool,
+    no_scheduler: bool,
+    consume_url: str | None,
+    dead_letter_url: str | None,
+    log_level: str,
+) -> None:
     """Run the HTTP API (OpenAPI at /openapi.json) with the projector and the scheduler.
 
     Requests are not logged one by one (no access log, never a body); errors
@@ -358,6 +385,8 @@ def serve(host: str, port: int, no_projector: bool, no_scheduler: bool, log_leve
         projector=not no_projector,
         scheduler=not no_scheduler,
         log_level=log_level,
+        consume=consume_url,
+        dead_letter_queue=dead_letter_url,
     )
 
 
@@ -394,6 +423,121 @@ def scheduler(run_now: str | None, log_level: str) -> None:
             stop.wait()
         finally:
             jobs.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------- queue
+
+
+@cli.command()
+@click.option("--queue", "queue_url", required=True, help="SQS queue URL to consume.")
+@click.option(
+    "--dead-letter-queue",
+    "dead_letter_url",
+    help="Where refused messages go; default: the queue's redrive policy target.",
+)
+@click.option("--until-empty", is_flag=True, help="Stop once a poll finds the queue empty.")
+@click.option(
+    "--wait-seconds",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 20),
+    help="Long-poll time; also the longest SIGTERM waits on an empty queue.",
+)
+@LOG_LEVEL
+def consume(
+    queue_url: str,
+    dead_letter_url: str | None,
+    until_empty: bool,
+    wait_seconds: int,
+    log_level: str,
+) -> None:
+    """Apply plan-run messages from an SQS queue (docs/queue-ingest.md) until SIGTERM.
+
+    Each message is deleted only after its events are committed; a message
+    delivered twice appends once (its idempotency key is recorded with its
+    events); refused messages go to the dead-letter queue with their reason;
+    messages that failed for a passing reason (database down) come back.
+    SIGTERM finishes the message in hand and stops.
+    """
+    configure_logging(log_level)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with _runtime() as runtime:
+        consumer = QueueConsumer(runtime, queue_url, dead_letter_url, wait_seconds=wait_seconds)
+        report = consumer.run(stop, until_empty=until_empty)
+    click.echo(str(report))
+
+
+@cli.command("send-results")
+@click.option("--queue", "queue_url", required=True, help="SQS queue URL to send to.")
+@click.option("--team", "team_id", required=True, type=click.UUID, help="The run's team.")
+@click.option("--run", "run_id", required=True, type=click.UUID, help="The run's id.")
+@click.option(
+    "--token-file",
+    required=True,
+    envvar="RESULTSVC_TOKEN_FILE",
+    type=click.File("r"),
+    help="File holding the team's ingest token (never pass tokens as arguments).",
+)
+@click.option(
+    "--start-plan",
+    type=click.UUID,
+    help="First send a start_run of this plan, with --run as the new run's id.",
+)
+@click.option(
+    "--complete",
+    type=click.Choice(["succeeded", "failed"]),
+    help="After the results, send a complete_run with this status.",
+)
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 1000))
+@click.argument("findings_file", type=click.File("rb"))
+def send_results(
+    queue_url: str,
+    team_id: UUID,
+    run_id: UUID,
+    token_file: Any,
+    start_plan: UUID | None,
+    complete: str | None,
+    batch_size: int,
+    findings_file: Any,
+) -> None:
+    """Put the findings of FINDINGS_FILE (JSON lines) on a queue as a plan run's messages.
+
+    Every line is read and checked as JSON before anything is sent. Batches
+    are split to fit SQS's 256 KiB; idempotency keys derive from the run and
+    the file's digest, so sending the same file again appends nothing twice.
+    """
+    raw = findings_file.read()
+    findings = _json_lines(raw)
+    token = token_file.read().strip()
+    prefix = f"{run_id}/{hashlib.sha256(raw).hexdigest()[:16]}"
+    bodies: list[str] = []
+    if start_plan is not None:
+        bodies.append(messages.start_run(team_id, start_plan, run_id, f"{run_id}/start"))
+    bodies.extend(messages.record_results(team_id, run_id, findings, prefix, batch_size))
+    if complete is not None:
+        bodies.append(messages.complete_run(team_id, run_id, f"{run_id}/complete", complete))
+    sender = QueueSender(queue_url, token, group=str(run_id))
+    with _progress("sending messages", len(bodies)) as advance:
+        for number, body in enumerate(bodies, 1):
+            sender.send(body)
+            advance(number)
+    click.echo(f"sent {len(bodies)} messages ({len(findings)} findings) for run {run_id}")
+
+
+def _json_lines(raw: bytes) -> list[Any]:
+    findings: list[Any] = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            findings.append(json.loads(line))
+        except ValueError:
+            raise click.ClickException(f"line {number}: not valid JSON; nothing sent") from None
+    if not findings:
+        raise click.ClickException("the file holds no findings; nothing sent")
+    return findings
 
 
 # ------------------------------------------------------------------------ tokens

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from service.queue_consumer import queue_stats
 from service.runtime import Runtime
 from service.scheduler import job_status
 
@@ -92,6 +93,19 @@ class _ViewsCollector(Collector):
         for state, count in sorted(counts.items()):
             access.add_metric([state], count)
         yield access
+        queue = GaugeMetricFamily(
+            "resultsvc_queue_messages",
+            "Queue messages handled since the consumers started counting, by outcome"
+            " (applied, duplicate, dead_lettered, left)",
+            labels=["queue", "outcome"],
+        )
+        try:
+            stats = queue_stats(self.runtime)
+        except Exception:
+            stats = []  # no consumer has run against this database yet
+        for name, outcome, count in stats:
+            queue.add_metric([name, outcome], count)
+        yield queue
 
 
 class Metrics:

@@ -1,5 +1,7 @@
 """``resultsvc serve``: the HTTP API with the projector in one process (the embedded default).
 
+With ``consume`` set, an SQS consumer runs in the process too.
+
 With ``projector=False`` the process serves the API alone, for several API
 replicas in front of one projector (``resultsvc projections run``).
 """
@@ -13,6 +15,7 @@ import threading
 import uvicorn
 
 from service.api import create_app
+from service.queue_consumer import QueueConsumer
 from service.runtime import Runtime
 from service.scheduler import start_scheduler
 from service.settings import Settings
@@ -28,9 +31,20 @@ def serve(
     projector: bool = True,
     scheduler: bool = True,
     log_level: str = "info",
+    consume: str | None = None,
+    dead_letter_queue: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; the projector thread and the jobs stop with the server."""
     runtime = Runtime.open(settings)
+    consumer = None
+    if consume is not None:
+        try:  # before any thread starts: a consumer without a dead-letter queue stops here
+            consumer = QueueConsumer(
+                runtime, consume, dead_letter_queue, on_applied=runtime.projector.wake
+            )
+        except BaseException:
+            runtime.close()
+            raise
     stop = threading.Event()
     jobs = start_scheduler(runtime) if scheduler else None
     thread = None
@@ -39,6 +53,12 @@ def serve(
             target=runtime.projector.run, args=(stop,), name="projector", daemon=True
         )
         thread.start()
+    consumer_thread = None
+    if consumer is not None:
+        consumer_thread = threading.Thread(
+            target=consumer.run, args=(stop,), name="queue-consumer", daemon=True
+        )
+        consumer_thread.start()
     try:
         app = create_app(runtime, projector_thread=thread)
         config = uvicorn.Config(
@@ -54,6 +74,8 @@ def serve(
         if jobs is not None:
             jobs.shutdown(wait=True)
         stop.set()
+        if consumer_thread is not None:
+            consumer_thread.join()  # the message in hand finishes; the long poll ends
         if thread is not None:
             thread.join(timeout=30)
         runtime.close()
