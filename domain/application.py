@@ -165,6 +165,20 @@ class ResultsApp(Application[UUID]):
     def get_account(self, team_id: UUID, account_id: UUID) -> CloudAccount:
         return self._get(CloudAccount, account_id, team_id, "account")
 
+    def team_of_account(self, account_id: UUID) -> UUID:
+        """The team that owns an account, for operators who name only the account.
+
+        Read from the log, not the views: an account linked a moment ago is
+        found even before the projector caught up.
+        """
+        try:
+            account: Any = self.repository.get(account_id)
+        except AggregateNotFoundError:
+            raise NotFound("account", account_id) from None
+        if not isinstance(account, CloudAccount):
+            raise NotFound("account", account_id)
+        return UUID(str(account.team_id))
+
     def unlink_account(self, team_id: UUID, account_id: UUID, *, actor: str) -> Appended:
         actor = _text(actor, "actor", MAX_NAME)
         account = self.get_account(team_id, account_id)

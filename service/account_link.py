@@ -41,15 +41,18 @@ SESSION_SECONDS = 900
 # for some seconds on AWS. A new role is retried this long before giving up.
 PROPAGATION_SECONDS = 60.0
 
-# The permissions handed-over keys need, as the product documents them.
+# The permissions handed-over keys need. The product's list names
+# iam:GetUser; the account is found with sts:GetCallerIdentity instead, which
+# needs no permission. Reading an existing policy needs GetPolicyVersion, and
+# checking an existing role's policies the two List actions.
 KEY_PERMISSIONS = (
-    "iam:GetUser",
     "iam:CreatePolicy",
     "iam:GetPolicy",
+    "iam:GetPolicyVersion",
     "iam:CreateRole",
     "iam:GetRole",
     "iam:AttachRolePolicy",
-    "iam:ListAttachedRolePolicies (only when the role exists already)",
+    "iam:ListAttachedRolePolicies and iam:ListRolePolicies (when the role exists already)",
 )
 
 _DENIED = {
@@ -350,7 +353,10 @@ class AwsAccountLinker:
         with _customer_call("iam"):
             pages = iam.get_paginator("list_attached_role_policies").paginate(RoleName=name)
             attached = [p["PolicyArn"] for page in pages for p in page["AttachedPolicies"]]
+            inline_pages = iam.get_paginator("list_role_policies").paginate(RoleName=name)
+            inline = [n for page in inline_pages for n in page["PolicyNames"]]
         others = sorted(arn.rsplit("/", 1)[-1] for arn in attached if arn != policy_arn)
+        others += sorted(f"{n} (inline)" for n in inline)
         if others:
             raise LinkRefused(
                 "profile",

@@ -345,8 +345,12 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         """Unlink an account: recorded; later runs against it are refused."""
 
         def command() -> dict[str, Any]:
-            owner = principal.team_id or queries.get_account(None, str(account))["team_id"]
-            done = domain_app.unlink_account(UUID(owner), account, actor=principal.actor)
+            owner = (
+                UUID(principal.team_id)
+                if principal.team_id is not None
+                else domain_app.team_of_account(account)
+            )
+            done = domain_app.unlink_account(owner, account, actor=principal.actor)
             return {"id": account, "position": done.position}
 
         return await appending(request, principal, idempotency_key, 200, command)

@@ -316,9 +316,8 @@ def accounts_list(team_id: UUID, as_json: bool) -> None:
 def accounts_unlink(account_id: UUID) -> None:
     """Unlink ACCOUNT_ID: recorded; new runs against it are refused from now on."""
     with _runtime() as runtime:
-        runtime.projector.catch_up()
-        team = runtime.queries.get_account(None, str(account_id))["team_id"]
-        done = runtime.app.unlink_account(UUID(team), account_id, actor="cli")
+        team = runtime.app.team_of_account(account_id)
+        done = runtime.app.unlink_account(team, account_id, actor="cli")
         click.echo(f"account {account_id} unlinked (position {done.position})")
 
 
