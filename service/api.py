@@ -31,6 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from domain.application import AlreadyApplied
 from domain.durations import parse_duration
 from domain.errors import Conflict, DomainError, InvalidInput, NotFound
 from projections.purge import purge_older_than
@@ -171,7 +172,10 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
                 media = PROBLEM_MEDIA_TYPE if replay.status >= 400 else "application/json"
                 return Response(replay.body, replay.status, media_type=media)
         try:
-            payload = await run_in_threadpool(command)
+            if key is not None:
+                payload = await run_in_threadpool(_once, scope, key, digest, request, command)
+            else:
+                payload = await run_in_threadpool(command)
             response: Response = Response(
                 orjson.dumps(jsonable_encoder(payload)), status, media_type="application/json"
             )
@@ -185,6 +189,20 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         if projector_thread is not None and response.status_code < 400:
             runtime.projector.wake()
         return response
+
+    def _once(
+        scope: str, key: str, digest: str, request: Request, command: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The command, its events saved with a receipt of the key in the same transaction.
+
+        The idempotency table answers replays; the receipt makes sure that
+        even when its row was lost (the service died between commit and
+        answer, or the database dropped the connection at commit) the command
+        is never applied twice.
+        """
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        with domain_app.receipted(f"http:{scope}", key, digest, f"{request.method} {route}"):
+            return command()
 
     # ---------------------------------------------------------- error pages
 
@@ -815,6 +833,16 @@ def problem_for(error: Exception) -> Problem:
             error.detail,
             errors=[{"field": "Idempotency-Key", "rule": error.detail}],
             headers={"Retry-After": "1"} if error.retry_after else None,
+        )
+    if isinstance(error, AlreadyApplied):
+        return Problem(
+            409 if error.same_request else 422,
+            "Already applied" if error.same_request else "Idempotency-Key reused",
+            "this Idempotency-Key was applied before; nothing was appended again (its first"
+            " answer was lost when the service or database failed)"
+            if error.same_request
+            else "this Idempotency-Key was used with another request; use a new key",
+            errors=[{"field": "Idempotency-Key", "rule": "already applied"}],
         )
     if isinstance(error, NotFound):
         return Problem(404, "Not found", str(error))

@@ -442,12 +442,21 @@ def scheduler(run_now: str | None, log_level: str) -> None:
     type=click.IntRange(0, 20),
     help="Long-poll time; also the longest SIGTERM waits on an empty queue.",
 )
+@click.option(
+    "--visibility-seconds",
+    default=60,
+    show_default=True,
+    type=click.IntRange(5, 43200),
+    help="Lease on a received message, renewed while it is applied; after a crash the"
+    " messages in hand come back after this.",
+)
 @LOG_LEVEL
 def consume(
     queue_url: str,
     dead_letter_url: str | None,
     until_empty: bool,
     wait_seconds: int,
+    visibility_seconds: int,
     log_level: str,
 ) -> None:
     """Apply plan-run messages from an SQS queue (docs/queue-ingest.md) until SIGTERM.
@@ -463,7 +472,13 @@ def consume(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with _runtime() as runtime:
-        consumer = QueueConsumer(runtime, queue_url, dead_letter_url, wait_seconds=wait_seconds)
+        consumer = QueueConsumer(
+            runtime,
+            queue_url,
+            dead_letter_url,
+            wait_seconds=wait_seconds,
+            visibility_seconds=visibility_seconds,
+        )
         report = consumer.run(stop, until_empty=until_empty)
     click.echo(str(report))
 
@@ -507,6 +522,11 @@ def send_results(
     are split to fit SQS's 256 KiB; idempotency keys derive from the run and
     the file's digest, so sending the same file again appends nothing twice.
     """
+    if (start_plan or complete) and not queue_url.endswith(".fifo"):
+        raise click.ClickException(
+            "--start-plan and --complete need a FIFO queue: a standard queue does not keep"
+            " order (start and complete the run over HTTP, or send to a .fifo queue)"
+        )
     raw = findings_file.read()
     findings = _json_lines(raw)
     token = token_file.read().strip()

@@ -31,7 +31,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError
 from psycopg_pool import PoolTimeout
 
 from domain.application import AlreadyApplied
-from domain.errors import DomainError, InvalidInput
+from domain.errors import Conflict, DomainError, InvalidInput, NotFound
 from service.database import DatabaseUnavailable
 from service.queue_messages import AUTHORIZATION, Envelope, MessageRefused, parse
 from service.runtime import Runtime
@@ -164,15 +164,22 @@ class QueueConsumer:
         self.report.polls += 1
         done: list[dict[str, Any]] = []
         outcomes: dict[str, int] = {}
+        held: set[str | None] = set()
         try:
             for index, message in enumerate(messages):
                 if stop is not None and stop.is_set():
                     self._hand_back(messages[index:])
                     break
+                group = message.get("Attributes", {}).get("MessageGroupId")
+                if self.fifo and group in held:
+                    self._set_visibility(message, 0)  # behind a left message of its group
+                    continue
                 outcome = self.handle(message)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if outcome != "left":
                     done.append(message)
+                elif self.fifo:
+                    held.add(group)  # keep the group's order: the rest waits for it
         finally:
             self._delete(done)
             self._count(outcomes)
@@ -183,6 +190,7 @@ class QueueConsumer:
     def handle(self, message: dict[str, Any]) -> str:
         """Apply one message; its outcome. Deleting is the caller's job (after commit)."""
         body = str(message.get("Body", ""))
+        envelope: Envelope | None = None
         token = message.get("MessageAttributes", {}).get(AUTHORIZATION, {}).get("StringValue")
         try:
             envelope, bearer = parse(body, token)
@@ -191,7 +199,7 @@ class QueueConsumer:
             with (
                 self._lease(message),
                 self.runtime.app.receipted(
-                    str(envelope.team_id), envelope.idempotency_key, digest, envelope.command
+                    f"queue:{envelope.team_id}", envelope.idempotency_key, digest, envelope.command
                 ),
             ):
                 appended = self._apply(envelope)
@@ -205,8 +213,12 @@ class QueueConsumer:
             return self._dead_letter(message, f"{refused.field}: {refused.rule}")
         except InvalidInput as invalid:
             return self._dead_letter(message, f"{invalid.field}: {invalid.rule}")
+        except NotFound as missing:
+            return self._dead_letter(message, f"{missing.kind}_id: {missing}")
+        except Conflict as conflict:
+            return self._dead_letter(message, f"{_conflict_field(envelope, conflict)}: {conflict}")
         except DomainError as error:
-            return self._dead_letter(message, str(error))
+            return self._dead_letter(message, f"body: {error}")
         except PASSING_ERRORS as error:
             log.warning(
                 "message %s left for redelivery: %s", message.get("MessageId"), type(error).__name__
@@ -248,7 +260,11 @@ class QueueConsumer:
     # ----------------------------------------------------------------- SQS side
 
     def _dead_letter(self, message: dict[str, Any], reason: str) -> str:
-        """Move a message that can never be applied to the dead-letter queue, with why."""
+        """Move a message that can never be applied to the dead-letter queue, with why.
+
+        If the dead-letter queue cannot take it, the message stays on its queue
+        (a passing failure): nothing is deleted that was not put somewhere.
+        """
         attributes = {
             REASON: {"DataType": "String", "StringValue": reason[:1000]},
             "resultsvc-refused-at": {
@@ -265,12 +281,22 @@ class QueueConsumer:
             group = message.get("Attributes", {}).get("MessageGroupId") or "dead-letters"
             extra = {"MessageGroupId": group, "MessageDeduplicationId": str(message["MessageId"])}
         # The Authorization attribute is not copied: a token does not belong in a dead letter.
-        self.sqs.send_message(
-            QueueUrl=self.dead_letter_url,
-            MessageBody=str(message.get("Body", "")) or "(empty)",
-            MessageAttributes=attributes,
-            **extra,
-        )
+        try:
+            self.sqs.send_message(
+                QueueUrl=self.dead_letter_url,
+                MessageBody=str(message.get("Body", "")) or "(empty)",
+                MessageAttributes=attributes,
+                **extra,
+            )
+        except (BotoCoreError, ClientError) as error:
+            log.error(
+                "message %s could not be dead-lettered (%s), left on the queue: %s",
+                message.get("MessageId"),
+                type(error).__name__,
+                reason,
+            )
+            self._back_off(message)
+            return "left"
         log.warning("message %s dead-lettered: %s", message.get("MessageId"), reason)
         return "dead_lettered"
 
@@ -357,6 +383,13 @@ def queue_stats(runtime: Runtime) -> list[tuple[str, str, int]]:
     with runtime.views.reading() as cur:
         rows = cur.fetchall("SELECT queue, outcome, count FROM queue_stats ORDER BY queue, outcome")
     return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+
+def _conflict_field(envelope: Envelope | None, conflict: Conflict) -> str:
+    """The field a refused command's conflict is about, for the ``field: rule`` reason."""
+    if envelope is not None and envelope.command == "start_run" and "run id" not in str(conflict):
+        return "plan_id"  # its account is unlinked
+    return "run_id"
 
 
 def _queue_name(url: str) -> str:

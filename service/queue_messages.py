@@ -68,7 +68,10 @@ def parse(body: str | bytes, token: str | None) -> tuple[Envelope, str]:
     """The envelope and the bearer token of one message, or ``MessageRefused``."""
     if token is None or not token.startswith("Bearer "):
         raise MessageRefused(AUTHORIZATION, "message attribute 'Bearer <ingest token>' is required")
-    raw = body.encode() if isinstance(body, str) else body
+    try:
+        raw = body.encode() if isinstance(body, str) else body
+    except UnicodeEncodeError:
+        raise MessageRefused("body", "must be UTF-8 text") from None
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MessageRefused("body", f"must be at most {MAX_MESSAGE_BYTES} bytes")
     try:
@@ -78,7 +81,8 @@ def parse(body: str | bytes, token: str | None) -> tuple[Envelope, str]:
         raise MessageRefused("body", "must be valid JSON") from None
     if not isinstance(data, dict):
         raise MessageRefused("body", "must be a JSON object (the envelope)")
-    if data.get("schema") != SCHEMA_VERSION:
+    schema = data.get("schema")
+    if type(schema) is not int or schema != SCHEMA_VERSION:  # true and 1.0 are not 1
         raise MessageRefused("schema", f"must be {SCHEMA_VERSION} (the only version)")
     command = data.get("command")
     if command not in COMMANDS:

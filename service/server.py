@@ -21,6 +21,8 @@ from service.scheduler import start_scheduler
 from service.settings import Settings
 
 log = logging.getLogger("resultsvc.server")
+# The consumer's long poll inside ``serve``: also the longest SIGTERM waits for it.
+SERVE_WAIT_SECONDS = 5
 
 
 def serve(
@@ -40,7 +42,11 @@ def serve(
     if consume is not None:
         try:  # before any thread starts: a consumer without a dead-letter queue stops here
             consumer = QueueConsumer(
-                runtime, consume, dead_letter_queue, on_applied=runtime.projector.wake
+                runtime,
+                consume,
+                dead_letter_queue,
+                wait_seconds=SERVE_WAIT_SECONDS,
+                on_applied=runtime.projector.wake,
             )
         except BaseException:
             runtime.close()
