@@ -10,14 +10,17 @@ across all of them and never twice at the same time:
   host) the claim is an atomic conditional update of that table.
 
 A job that fails is recorded (time and reason, shown by ``backup list`` and
-``/metrics``) and runs again at its next slot. Misfires within an hour still
-run; several missed firings coalesce into one.
+``/metrics``) and runs again at its next slot; when the database itself is
+gone, the outcome is kept in memory and recorded within a minute of its
+return. Misfires within an hour still run; several missed firings coalesce.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from typing import Any
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from psycopg_pool import PoolTimeout
 
 from projections.purge import apply_display_retention
 from projections.sqlstore import ViewDatabase
@@ -47,6 +51,11 @@ JOBS_DDL = (
     " last_error TEXT)"
 )
 STALE_RUN = timedelta(hours=6)  # a claim older than this was left by a dead process
+PASSING_DB_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    sqlite3.OperationalError,
+    PoolTimeout,
+)
 
 
 @dataclass(frozen=True)
@@ -163,29 +172,70 @@ class JobRunner:
         self.db = runtime.views
         self.clock = clock or (lambda: datetime.now(UTC))
         self._local = threading.Lock()
+        self._claiming = threading.Lock()
+        self._unrecorded: list[tuple[str, str, datetime, Exception | None]] = []
         ensure_schema(self.db)
 
     def run(self, spec: JobSpec) -> str:
-        """Returns "done", "failed", "skipped: <why>"."""
+        """Returns "done", "failed", "skipped: <why>".
+
+        With the database gone, the job fails and its outcome is kept here
+        until the database can take it (``flush``, every minute, and before
+        every run): a job is never left marked running by a passing outage.
+        """
+        self.flush()
         now = self.clock()
         slot = spec.slot(now)
-        lock = self._advisory_lock(spec.name)
-        if lock is False:
-            return "skipped: running on another replica"
         try:
-            if not self._claim(spec.name, slot, now):
+            lock = self._advisory_lock(spec.name)
+            if lock is False:
+                return "skipped: running on another replica"
+        except PASSING_DB_ERRORS as error:
+            log.error("job %s not started: database unavailable (%s)", spec.name, error)
+            self._record(spec.name, slot, now, error)
+            return "failed"
+        try:
+            try:
+                claimed = self._claim(spec.name, slot, now)
+            except PASSING_DB_ERRORS as error:
+                log.error("job %s not started: database unavailable (%s)", spec.name, error)
+                self._record(spec.name, slot, now, error)
+                return "failed"
+            if not claimed:
                 return "skipped: slot already done or running"
             try:
                 spec.run(self.runtime)
             except Exception as error:
                 log.exception("job %s failed", spec.name)
-                self._finish(spec.name, slot, now, error)
+                self._record(spec.name, slot, now, error)
                 return "failed"
-            self._finish(spec.name, slot, now, None)
+            self._record(spec.name, slot, now, None)
             return "done"
         finally:
             if lock is not None and lock is not False:
-                lock.close()
+                with contextlib.suppress(*PASSING_DB_ERRORS):
+                    lock.close()
+
+    def flush(self) -> int:
+        """Record outcomes the database could not take when they happened; how many remain."""
+        with self._local:
+            pending, self._unrecorded = self._unrecorded, []
+        for outcome in pending:
+            try:
+                self._finish(*outcome)
+            except PASSING_DB_ERRORS:
+                with self._local:
+                    self._unrecorded.append(outcome)
+        with self._local:
+            return len(self._unrecorded)
+
+    def _record(self, job: str, slot: str, now: datetime, error: Exception | None) -> None:
+        try:
+            self._finish(job, slot, now, error)
+        except PASSING_DB_ERRORS as lost:
+            log.warning("job %s outcome kept until the database is back (%s)", job, lost)
+            with self._local:
+                self._unrecorded.append((job, slot, now, error))
 
     def _advisory_lock(self, job: str) -> Any:
         """PostgreSQL: a session lock held for the job's duration (None on SQLite)."""
@@ -202,7 +252,7 @@ class JobRunner:
 
     def _claim(self, job: str, slot: str, now: datetime) -> bool:
         stale = (now - STALE_RUN).isoformat()
-        with self._local, self.db.writing() as cur:
+        with self._claiming, self.db.writing() as cur:
             claimed = cur.execute(
                 "UPDATE scheduler_jobs SET running_since = ? WHERE job = ?"
                 " AND (last_slot IS NULL OR last_slot <> ?)"
@@ -237,5 +287,7 @@ def start_scheduler(runtime: Runtime) -> BackgroundScheduler:
     )
     for spec in JOBS:
         scheduler.add_job(runner.run, spec.trigger, args=[spec], id=spec.name, name=spec.name)
+    # Outcomes of jobs that failed while the database was gone, recorded once it is back.
+    scheduler.add_job(runner.flush, "interval", minutes=1, id="record-outcomes")
     scheduler.start()
     return scheduler
