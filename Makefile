@@ -31,6 +31,8 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/backup.py
+	$(BIN)/python bench/restore.py
+	$(BIN)/python bench/queue_ingest.py
 
 ## lint: ruff and mypy on the packages
 lint: $(VENV)/.installed-dev
