@@ -22,6 +22,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.domain import Snapshot as BaseSnapshot
+from eventsourcing.utils import TopicError, register_topic, resolve_topic
 
 from domain.errors import Conflict
 
@@ -433,3 +434,27 @@ class RestoreDrill(Aggregate):
     def __init__(self, backup_id: str, passed: bool, reason: str, report: dict[str, Any]) -> None:
         self.backup_id = backup_id
         self.passed = passed
+
+
+def _register_snapshot_topics() -> None:
+    """Make every aggregate's snapshot topic resolvable as soon as this module is imported.
+
+    eventsourcing registers explicit topics of event classes when the
+    aggregate class is made, but a ``Snapshot`` class's topic only when a
+    snapshot is first *written* in the process. A process that only reads (a
+    restarted API, a CLI) then cannot load an aggregate that has a snapshot.
+    """
+    for aggregate in list(globals().values()):
+        if isinstance(aggregate, type) and issubclass(aggregate, Aggregate):
+            snapshot = aggregate.__dict__.get("Snapshot")
+            if snapshot is not None and "TOPIC" in snapshot.__dict__:
+                try:
+                    resolved = resolve_topic(snapshot.TOPIC)
+                except TopicError:
+                    register_topic(snapshot.TOPIC, snapshot)
+                    continue
+                if resolved is not snapshot:
+                    raise TopicError(f"snapshot topic {snapshot.TOPIC} is taken by {resolved}")
+
+
+_register_snapshot_topics()

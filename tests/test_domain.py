@@ -9,9 +9,12 @@ own writes, and a long run stays cheap to load.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -25,6 +28,7 @@ from domain.errors import Conflict, InvalidInput, NotFound
 from domain.findings import validate_batch
 from domain.model import RUN_FAILED, RUN_RUNNING, RUN_SUCCEEDED, ExternalIdClaim, ResultBatch
 from service.database import open_application
+from service.samples import batches
 from tests.test_findings import findings, valid_finding
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/resultsvc/Audit"
@@ -604,3 +608,38 @@ def test_a_long_run_loads_from_a_snapshot(
         assert (accepted.batch_no, accepted.position) == (251, fresh.head_position())
     finally:
         fresh.close()
+
+
+def test_a_fresh_process_loads_an_aggregate_from_its_snapshot(tmp_path: Path) -> None:
+    """A restarted service (a process that never wrote a snapshot) must read snapshots.
+
+    eventsourcing registers a ``Snapshot`` class's explicit topic only when one
+    is written; ``domain.model`` registers them at import. Found by bench/soak.py.
+    """
+    url = f"sqlite:///{tmp_path}/resultsvc.db"
+    app = open_application(url)
+    try:
+        team, _ = app.create_team("snapshots")
+        account, _ = app.link_account_role(
+            team.id, "arn:aws:iam::123456789012:role/x", verified=False, actor="t"
+        )
+        plan, _ = app.create_plan(team.id, account.id, "p")
+        run, _ = app.start_run(team.id, plan.id)
+        for batch in batches(150, 1, seed=4):  # 150 run events: a snapshot at 100
+            app.record_results(team.id, run.id, batch)
+    finally:
+        app.close()
+    script = (
+        "import sys; from uuid import UUID; from service.database import open_application\n"
+        "app = open_application(sys.argv[1])\n"
+        "print(app.get_run(UUID(sys.argv[2]), UUID(sys.argv[3])).total)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, str(team.id), str(run.id)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "150"
