@@ -586,6 +586,16 @@ def tokens_create(team_id: str | None, scope: str) -> None:
     click.echo(token)
 
 
+@tokens.command("revoke")
+@click.argument("token_id")
+def tokens_revoke(token_id: str) -> None:
+    """Refuse the token TOKEN_ID (the part after rsvc_, before the next _) from now on."""
+    with _runtime() as runtime:
+        if not runtime.tokens.revoke(token_id):
+            raise click.ClickException(f"no token {token_id!r}")
+    click.echo(f"token {token_id} revoked")
+
+
 # ----------------------------------------------------------------------- backups
 
 

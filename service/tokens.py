@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from projections.sqlstore import ViewDatabase
 
 SCOPES = ("ingest", "read", "compliance", "ops")
 PREFIX = "rsvc_"
+_TOKEN_ID = re.compile(r"[0-9a-f]{12}")  # secrets.token_hex(6), as ``create`` issues them
 
 TOKENS_DDL = (
     "CREATE TABLE IF NOT EXISTS api_tokens ("
@@ -96,18 +98,33 @@ class TokenStore:
             conn.close()
         return f"{PREFIX}{token_id}_{secret}"
 
+    def revoke(self, token_id: str) -> bool:
+        """Refuse a token from now on; False when no such token exists."""
+        if not _TOKEN_ID.fullmatch(token_id):
+            return False
+        with self.db.writing() as cur:
+            changed = cur.execute(
+                "UPDATE api_tokens SET revoked = 1 WHERE token_id = ?", [token_id]
+            )
+        return bool(changed)
+
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a valid token, else ``None`` (whatever was wrong with it)."""
         if not token.startswith(PREFIX) or len(token) > 200:
             return None
         token_id, _, secret = token[len(PREFIX) :].partition("_")
-        if not token_id or not secret:
+        if not secret:
             return None
-        with self.db.reading() as cur:
-            row = cur.fetchone(
-                "SELECT secret_sha256, team_id, scopes, revoked FROM api_tokens WHERE token_id = ?",
-                [token_id],
-            )
+        row = None
+        # Only ids as issued reach the database (a NUL byte would make PostgreSQL
+        # refuse the query); a malformed id takes the same comparison below.
+        if _TOKEN_ID.fullmatch(token_id):
+            with self.db.reading() as cur:
+                row = cur.fetchone(
+                    "SELECT secret_sha256, team_id, scopes, revoked FROM api_tokens"
+                    " WHERE token_id = ?",
+                    [token_id],
+                )
         # Compare even when the id is unknown, so timing does not tell ids apart.
         stored = row[0] if row is not None else "0" * 64
         matches = hmac.compare_digest(stored.encode(), _digest(secret).encode())

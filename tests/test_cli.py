@@ -106,3 +106,22 @@ def test_failures_are_one_line_and_non_zero(
     assert reason in lines[0]
     assert "Traceback" not in result.stderr
     assert "hunter2pw" not in result.stderr + result.stdout
+
+
+def test_tokens_revoke_refuses_the_token_from_then_on(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/resultsvc.db"
+    created = _run(["tokens", "create", "--scope", "ops"], tmp_path, RESULTSVC_DATABASE_URL=url)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    token_id = token.split("_")[1]
+    from service.runtime import Runtime
+    from service.settings import Settings
+
+    with Runtime.open(Settings.from_env({"RESULTSVC_DATABASE_URL": url})) as runtime:
+        assert runtime.tokens.authenticate(token) is not None
+        revoked = _run(["tokens", "revoke", token_id], tmp_path, RESULTSVC_DATABASE_URL=url)
+        assert revoked.returncode == 0, revoked.stderr
+        assert runtime.tokens.authenticate(token) is None
+    unknown = _run(["tokens", "revoke", "0" * 12], tmp_path, RESULTSVC_DATABASE_URL=url)
+    assert unknown.returncode != 0
+    assert unknown.stderr.strip().splitlines()[-1] == f"Error: no token {'0' * 12!r}"
