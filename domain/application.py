@@ -421,6 +421,10 @@ class ResultsApp(Application[UUID]):
         finally:
             _pending_receipt.reset(token)
 
+    def raise_if_applied(self, scope: str, key: str, request_sha256: str) -> None:
+        """``AlreadyApplied`` if this key was applied in this scope (with any request)."""
+        self._raise_if_applied(ReceiptSpec(scope, key, request_sha256, ""))
+
     def _raise_if_applied(self, spec: ReceiptSpec) -> None:
         try:
             receipt: Any = self.repository.get(Receipt.create_id(spec.scope, spec.key))

@@ -16,16 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from eventsourcing import persistence as es_persistence
 from psycopg import sql as pgsql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 Row = tuple[Any, ...]
 
 # Errors that may pass (a dropped connection, a lock or statement timeout):
 # retried, never recorded as a view's failure.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     sqlite3.OperationalError,
+    # eventsourcing wraps the driver's errors when it reads the event log.
+    es_persistence.OperationalError,
+    es_persistence.InterfaceError,
+    PoolTimeout,
 )
 
 
@@ -114,9 +119,30 @@ class ViewDatabase:
                     conn.commit()
 
                 self._pool = ConnectionPool(
-                    self.conninfo, min_size=1, max_size=8, configure=configure, open=True
+                    self.conninfo,
+                    min_size=1,
+                    max_size=8,
+                    configure=configure,
+                    # After an outage, connections left in the pool are dead: check
+                    # each one before handing it out, so the first request after the
+                    # database's return does not fail on one.
+                    check=ConnectionPool.check_connection,
+                    open=True,
                 )
             return self._pool
+
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise unless the database answers within ``timeout`` seconds (for /readyz).
+
+        A fresh connection, not the pool: a pool waiting for a dead server
+        would hold a readiness probe far longer than any orchestrator waits.
+        """
+        if self.dialect == "sqlite":
+            conn = self.connect()
+            conn.close()
+            return
+        with psycopg.connect(self.conninfo, connect_timeout=max(1, int(timeout))) as conn:
+            conn.execute("SELECT 1")
 
     def close(self) -> None:
         with self._pool_lock:

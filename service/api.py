@@ -42,6 +42,7 @@ from projections.queries import (
     decode_cursor,
     encode_cursor,
 )
+from projections.sqlstore import TRANSIENT_ERRORS as PASSING_DB_ERRORS
 from retention.backup import BackupFailed
 from retention.catalog import BackupInfo
 from retention.exclusions import exclude_plan
@@ -167,7 +168,16 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         if key is not None:
             body = fingerprint if fingerprint is not None else await request.body()
             digest = request_digest(request.method, request.url.path, body)
-            replay = await run_in_threadpool(runtime.idempotency.begin, scope, key, digest)
+            try:
+                replay = await run_in_threadpool(runtime.idempotency.begin, scope, key, digest)
+            except IdempotencyRefused as refused:
+                if refused.status != 409:
+                    raise
+                # "In progress" may be a request whose answer was lost after its
+                # commit (the database went away before the key was finished):
+                # its receipt tells, and then the truthful answer is "applied".
+                await run_in_threadpool(domain_app.raise_if_applied, f"http:{scope}", key, digest)
+                raise
             if replay is not None:
                 media = PROBLEM_MEDIA_TYPE if replay.status >= 400 else "application/json"
                 return Response(replay.body, replay.status, media_type=media)
@@ -183,9 +193,17 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
         except Exception as error:  # answered as a problem, and remembered with the key
             response = problem_for(error).response()
         if key is not None:
-            await run_in_threadpool(
-                runtime.idempotency.finish, scope, key, response.status_code, bytes(response.body)
-            )
+            try:
+                await run_in_threadpool(
+                    runtime.idempotency.finish,
+                    scope,
+                    key,
+                    response.status_code,
+                    bytes(response.body),
+                )
+            except PASSING_DB_ERRORS:
+                # The command's answer stands; a retry finds its receipt (above).
+                log.warning("Idempotency-Key outcome not stored: database unavailable")
         if projector_thread is not None and response.status_code < 400:
             runtime.projector.wake()
         return response
@@ -246,6 +264,16 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
             str(error.detail),
             headers=dict(error.headers or {}),
         ).response()
+
+    @app.exception_handler(AlreadyApplied)
+    async def on_already_applied(_: Request, error: AlreadyApplied) -> Response:
+        return problem_for(error).response()
+
+    for passing in PASSING_DB_ERRORS:
+
+        @app.exception_handler(passing)
+        async def on_database_gone(_: Request, error: Exception) -> Response:
+            return problem_for(error).response()
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> Response:
@@ -734,6 +762,7 @@ def create_app(runtime: Runtime, *, projector_thread: threading.Thread | None = 
     async def readyz() -> Response:
         """Database reachable, projector running, views not too far behind."""
         try:
+            await run_in_threadpool(runtime.views.ping)
             statuses = await run_in_threadpool(runtime.projector.status)
         except Exception as error:
             return Problem(
@@ -870,6 +899,14 @@ def problem_for(error: Exception) -> Problem:
         return Problem(409, "Linking not configured", str(error))
     if isinstance(error, AwsUnavailable):
         return Problem(503, "AWS unavailable", str(error), headers={"Retry-After": "30"})
+    if isinstance(error, PASSING_DB_ERRORS):
+        log.warning("database unavailable: %s", type(error).__name__)
+        return Problem(
+            503,
+            "Database unavailable",
+            "the database is unavailable; retry shortly (with the same Idempotency-Key)",
+            headers={"Retry-After": "5"},
+        )
     if isinstance(error, NoBackup):
         return Problem(409, "No backup", str(error))
     if isinstance(error, (BackupFailed, StoreError, MasterKeyError)):

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from eventsourcing import persistence as es_persistence
 from psycopg_pool import PoolTimeout
 
 from projections.purge import apply_display_retention
@@ -55,6 +56,8 @@ PASSING_DB_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     sqlite3.OperationalError,
     PoolTimeout,
+    es_persistence.OperationalError,
+    es_persistence.InterfaceError,
 )
 
 
@@ -271,6 +274,8 @@ class JobRunner:
                 )
             else:
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+                if isinstance(error, PASSING_DB_ERRORS):
+                    reason = f"database unavailable: {reason}"
                 cur.execute(
                     "UPDATE scheduler_jobs SET running_since = NULL, last_failure = ?,"
                     " last_error = ? WHERE job = ?",
