@@ -28,6 +28,9 @@ MAX_RESOURCE_ARN: Final = 2048
 MAX_REGION: Final = 64
 MAX_MESSAGE: Final = 4096
 MAX_DETAILS_BYTES: Final = 16 * 1024
+# One batch is one event: its state must stay well below the few MB at which
+# the PostgreSQL driver's pipeline mode stalls (and holds the log's lock).
+MAX_BATCH_BYTES: Final = 2 * 1024 * 1024
 
 REQUIRED_FIELDS: Final = (
     "rule_id",
@@ -62,7 +65,15 @@ def validate_batch(results: object) -> list[Finding]:
         raise InvalidInput("results", "must be a list of results")
     if not 1 <= len(results) <= MAX_BATCH:
         raise InvalidInput("results", f"must hold 1 to {MAX_BATCH} results, got {len(results)}")
-    return [validate_finding(item, f"results[{i}]") for i, item in enumerate(results)]
+    batch = [validate_finding(item, f"results[{i}]") for i, item in enumerate(results)]
+    size = len(orjson.dumps(batch))
+    if size > MAX_BATCH_BYTES:
+        raise InvalidInput(
+            "results",
+            f"must be at most {MAX_BATCH_BYTES} bytes of JSON in one batch, got {size};"
+            " send it as several batches",
+        )
+    return batch
 
 
 _TEXT_FIELDS: Final = (

@@ -29,6 +29,10 @@ from retention.backup import PlanOf
 from retention.reader import BackupReader, VerifyReport
 
 BATCH = 500
+# Bytes of event state per insert: psycopg 3.3's pipeline mode (used by
+# eventsourcing's recorder) stops sending a statement of several MB and waits
+# forever; pages are cut well below that.
+BATCH_BYTES = 1024 * 1024
 
 
 class RestoreRefused(Exception):
@@ -86,6 +90,7 @@ def _restore(
     members = reader.chain(backup_id)
     result = RestoreResult(backup_id, [member.id for member in members])
     pending: list[StoredEvent] = []
+    pending_bytes = 0
     report = VerifyReport(backup_id)
     for member in members:
         for record in reader.records(member.id, report):
@@ -101,9 +106,10 @@ def _restore(
             )
             result.events += 1
             result.last_position = record.position
-            if len(pending) >= BATCH:
+            pending_bytes += len(record.state)
+            if len(pending) >= BATCH or pending_bytes >= BATCH_BYTES:
                 target.recorder.insert_events(pending)
-                pending = []
+                pending, pending_bytes = [], 0
                 if progress is not None:
                     progress(record.position)
         else:

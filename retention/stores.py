@@ -39,6 +39,7 @@ import binascii
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -60,6 +61,8 @@ _TEMP_PREFIX: Final = ".tmp-"
 _TEMP_NAME: Final = re.compile(r"\.tmp-[0-9a-f]{16}-(?P<name>.+)")
 _READ_CHUNK: Final = 1024 * 1024
 _BUCKET_NAME: Final = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+log = logging.getLogger("resultsvc.stores")
 
 
 class StoreError(Exception):
@@ -840,7 +843,7 @@ class _S3Writer:
             )
         except Exception as exc:
             error = store.fail(op, full, exc)
-            self.abort()
+            self._abort_after(error)
             raise error from None
         self._parts.append(
             {"ETag": answer["ETag"], "PartNumber": number, "ChecksumSHA256": checksum}
@@ -877,7 +880,7 @@ class _S3Writer:
                 )
             except Exception as exc:
                 error = store.fail("close", full, exc)
-                self.abort()
+                self._abort_after(error)
                 raise error from None
         self._done = True
         version = answer.get("VersionId")
@@ -920,6 +923,15 @@ class _S3Writer:
             self._store.client.delete_object(
                 Bucket=self._store.bucket, Key=self._full, VersionId=version
             )
+
+    def _abort_after(self, error: StoreError) -> None:
+        """Clean up after a failed write; the write's error is the one to report."""
+        try:
+            self.abort()
+        except StoreError as cleanup:
+            # Not a warning: the caller reports ``error``; a leftover upload is
+            # removed by the next backup (``abort_incomplete``).
+            log.info("%s; then the clean-up failed too: %s", error, cleanup)
 
     def abort(self) -> None:
         if self._done:

@@ -27,6 +27,7 @@ from domain.application import ResultsApp
 from projections.sqlstore import ViewDatabase
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+LOCK_TIMEOUT_SECONDS = 30
 CONNECT_TIMEOUT_SECONDS = 5
 
 
@@ -72,6 +73,9 @@ class DatabaseConfig:
             "POSTGRES_SCHEMA": self.schema,
             "POSTGRES_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_SECONDS),
             "POSTGRES_PRE_PING": "y",
+            # A writer waits at most this long for the log's table lock, so one
+            # stuck transaction makes others fail (503, retried) instead of hang.
+            "POSTGRES_LOCK_TIMEOUT": str(LOCK_TIMEOUT_SECONDS),
             # Not POSTGRES_ENABLE_DB_FUNCTIONS: its insert function skips the
             # table lock that keeps log order equal to commit order, and the
             # projector's "everything after position N" relies on that order.
