@@ -608,7 +608,8 @@ def test_post_restore_drill_answers_201_records_it_and_drives_the_metrics(
     assert runtime.app.head_position() == body["position"], "the replay ran another drill"
 
     listed = api.get(f"/v1/restore-drills?after={body['position']}", headers=headers).json()
-    assert [(i["position"], i["passed"]) for i in listed["items"]] == [(body["position"], True)]
+    # The drill's own event, then (same transaction, keyed request) the key's receipt.
+    assert [(i["position"], i["passed"]) for i in listed["items"]] == [(body["position"] - 1, True)]
     assert gauge(api, "resultsvc_restore_drill_passed") == 1.0
     assert "\nresultsvc_restore_drill_passed 1.0\n" in api.get("/metrics").text
     recorded = datetime.fromisoformat(listed["items"][0]["recorded_at"].replace("Z", "+00:00"))
@@ -628,8 +629,8 @@ def test_post_restore_drill_answers_201_records_it_and_drives_the_metrics(
     assert gauge(api, "resultsvc_restore_drill_passed") == 0.0
     items = api.get("/v1/restore-drills", headers=headers).json()["items"]
     assert [(i["position"], i["passed"]) for i in items] == [
-        (verdict["position"], False),
-        (body["position"], True),
+        (verdict["position"], False),  # no Idempotency-Key: no receipt after it
+        (body["position"] - 1, True),
     ]
     assert items[0]["reason"] == verdict["reason"]
 
