@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -24,14 +23,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-import psycopg
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from eventsourcing.persistence import InterfaceError, OperationalError
-from psycopg_pool import PoolTimeout
 
 from domain.application import AlreadyApplied
 from domain.errors import Conflict, DomainError, InvalidInput, NotFound
+from projections.sqlstore import TRANSIENT_ERRORS
 from service.database import DatabaseUnavailable
 from service.queue_messages import AUTHORIZATION, Envelope, MessageRefused, parse
 from service.runtime import Runtime
@@ -42,14 +39,7 @@ OUTCOMES = ("applied", "duplicate", "dead_lettered", "left")
 WAIT_SECONDS = 10  # long poll; also the longest a SIGTERM waits for an empty poll
 VISIBILITY_SECONDS = 60  # the lease on a message in hand, renewed while it is worked on
 BACKOFF_SECONDS = 15  # a message left after a passing failure comes back after this
-PASSING_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    sqlite3.OperationalError,
-    OperationalError,
-    InterfaceError,
-    PoolTimeout,
-    DatabaseUnavailable,
-)
+PASSING_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, DatabaseUnavailable)
 REASON = "resultsvc-reason"
 STATS_DDL = (
     "CREATE TABLE IF NOT EXISTS queue_stats ("

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +29,9 @@ from typing import Any
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from eventsourcing import persistence as es_persistence
-from psycopg_pool import PoolTimeout
 
 from projections.purge import apply_display_retention
-from projections.sqlstore import ViewDatabase
+from projections.sqlstore import TRANSIENT_ERRORS, ViewDatabase
 from retention.exclusions import shred_pending
 from retention.sweeper import sweep
 from service.backups import Backups
@@ -52,13 +49,7 @@ JOBS_DDL = (
     " last_error TEXT)"
 )
 STALE_RUN = timedelta(hours=6)  # a claim older than this was left by a dead process
-PASSING_DB_ERRORS: tuple[type[Exception], ...] = (
-    psycopg.OperationalError,
-    sqlite3.OperationalError,
-    PoolTimeout,
-    es_persistence.OperationalError,
-    es_persistence.InterfaceError,
-)
+PASSING_DB_ERRORS = TRANSIENT_ERRORS  # the database is gone for now, not the job wrong
 
 
 @dataclass(frozen=True)
