@@ -707,8 +707,8 @@ def test_every_backup_object_is_locked_until_its_chain_expires_and_the_keyring_i
         team,
         account,
         "big",
-        batch_count=4,
-        size=800,
+        batch_count=8,  # batches of ~1.6 MB: under the 2 MiB batch limit
+        size=400,
         message=lambda: secrets.token_urlsafe(3000),
     )
     full = backups.writer.run().info

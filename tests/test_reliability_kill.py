@@ -858,7 +858,7 @@ def _scratch_holding(server: str, names: set[str], team: UUID) -> str | None:
     reason="BUG: a restore drill killed with SIGKILL leaves its scratch database (a decrypted"
     " copy of the event log) on the server for good: retention/drill.py:169-199 (_scratch)"
     " drops it only in a `finally`, and nothing ever removes stale resultsvc_drill_* databases (nor"
-    " /tmp/resultsvc-drill-* folders); docs/operations.md says it is removed whatever happens",
+    " /tmp/resultsvc-drill-* folders); docs/operations.md tells operators to remove it by hand",
 )
 def test_a_scratch_database_left_by_a_killed_drill_is_removed_by_the_next_drill(
     runtime: Runtime, database_url: str, tmp_path: Path
