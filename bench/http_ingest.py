@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import orjson
@@ -53,13 +54,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RESULTSVC_DATABASE_URL": url}
+def start_server(
+    url: str, port: int, env: dict[str, str] | None = None, log: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``resultsvc serve`` on ``url`` (plus ``env``), its output to ``log``; up when it answers."""
     server = subprocess.Popen(
         [RESULTSVC, "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {}), "RESULTSVC_DATABASE_URL": url},
+        stdout=log,
+        stderr=log,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -31,7 +31,6 @@ import http.client
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +47,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import scratch_database
-from bench.http_ingest import free_port
+from bench.http_ingest import free_port, start_server
 from service.database import parse_database_url
 from service.runtime import Runtime
 from service.samples import findings
@@ -314,7 +313,7 @@ def main() -> None:
         port = free_port()
         log_path = Path(folder) / "serve.log"
         with log_path.open("wb") as log:
-            server = _start(port, env, log)
+            server = start_server(url, port, env, log)
             tally, stop = Tally(), threading.Event()
             threads = [
                 threading.Thread(
@@ -362,23 +361,6 @@ def main() -> None:
             problems.append(f"server exit status {code}: see {log_path}")
         print("result: " + ("CLEAN" if not problems else "NOT CLEAN: " + "; ".join(problems)))
         sys.exit(1 if problems else 0)
-
-
-def _start(port: int, env: dict[str, str], log: Any) -> Any:
-    server = subprocess.Popen(
-        [RESULTSVC, "serve", "--port", str(port)], env=env, stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return server
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise SystemExit("server did not start")
 
 
 if __name__ == "__main__":
